@@ -1,0 +1,139 @@
+"""The `semiseg` command line: one console script, one subcommand per job.
+
+Every subcommand is a thin shell over a Python function of the library, so the CLI and the
+Python API do the same thing. Errors caused by the user's input print as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from semiseg.errors import SemisegError
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from semiseg.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(args.out, num_train=args.train, num_val=args.val, seed=args.seed,
+                            image_size=args.size, overwrite=args.overwrite)
+
+
+def _split(args: argparse.Namespace) -> None:
+    from semiseg.data.splits import write_splits
+
+    write_splits(args.ann, args.percent, seed=args.seed, out_dir=args.out,
+                 write_unlabeled=args.unlabeled, labeled_lists=args.from_lists)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from semiseg.engine.train import train_from_config_file
+
+    train_from_config_file(args.config, args.overrides, resume=args.resume)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from semiseg.engine.evaluate import evaluate_from_cli
+
+    evaluate_from_cli(args.weights, config=args.config, overrides=args.overrides, who=args.who,
+                      ann=args.ann, images=args.images, out=args.out)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from semiseg.api import predict_to_dir
+
+    predict_to_dir(args.images, weights=args.weights, out_dir=args.out, score_threshold=args.score_threshold,
+                   device=args.device)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from semiseg.engine.convert import convert_checkpoint
+
+    convert_checkpoint(args.src, args.dst, which=args.which)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from semiseg.demo import run_demo
+
+    run_demo(out_dir=args.out, model=args.model, quick=args.quick, device=args.device, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semiseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="teacher -> student Guided Distillation on the built-in dataset")
+    p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
+    p.add_argument("--model", choices=["mask2former", "maskdino"], default="mask2former")
+    p.add_argument("--quick", action="store_true", help="a minutes-long smoke run (used by CI)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("synth", help="write the built-in synthetic COCO-format dataset")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--train", type=int, default=800, help="number of training images (default 800)")
+    p.add_argument("--val", type=int, default=500, help="number of validation images (default 500)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("split", help="seeded, nested labeled-percentage splits of a COCO json")
+    p.add_argument("--ann", type=Path, required=True, help="instances json of the full training set")
+    p.add_argument("--percent", type=float, nargs="+", required=True, help="e.g. 0.4 1 2 5 10")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--unlabeled", action="store_true", help="also write the complementary unlabeled lists")
+    p.add_argument("--from-lists", type=Path, nargs="+", default=None,
+                   help="existing split lists (one image id or file name per line) instead of drawing")
+    p.set_defaults(func=_split)
+
+    p = sub.add_parser("train", help="train from a YAML config (supervised or semi-supervised)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--resume", action="store_true", help="continue the run in the config's output folder")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. solver.max_iter=500")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="COCO mask/box AP of a checkpoint on a dataset")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None, help="default: the config saved beside the weights")
+    p.add_argument("--who", choices=["student", "teacher", "both"], default="student")
+    p.add_argument("--ann", type=Path, default=None, help="instances json (default: the config's val set)")
+    p.add_argument("--images", type=Path, default=None, help="image folder of --ann")
+    p.add_argument("--out", type=Path, default=None, help="write metrics JSON here")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="instance masks for images: overlays + COCO results json")
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--score-threshold", type=float, default=0.5, help="overlay threshold (json keeps all)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("convert", help="official Mask2Former / Mask DINO / Guided Distillation checkpoint -> semiseg")
+    p.add_argument("src", type=Path, help=".pkl (detectron2) or .pth checkpoint")
+    p.add_argument("dst", type=Path, help="output .safetensors")
+    p.add_argument("--which", choices=["auto", "teacher", "student"], default="auto",
+                   help="model to take from a Guided Distillation checkpoint")
+    p.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SemisegError as e:
+        print(f"semiseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("semiseg: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

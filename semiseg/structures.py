@@ -1,0 +1,105 @@
+"""The data types that flow through the whole library.
+
+One representation end to end: the loader emits `Instances` for ground truth, a teacher emits
+`Instances` as pseudo-labels, and `model.predict` returns `Instances` with `scores` filled in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes (pixel edges, so a single pixel at (x, y) gives [x, y, x+1, y+1]).
+
+    masks: [N, H, W] bool -> [N, 4] float32; an empty mask gives [0, 0, 0, 0].
+    """
+    n = masks.shape[0]
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
+    rows = masks.any(dim=2)  # [N, H]
+    cols = masks.any(dim=1)  # [N, W]
+    h, w = masks.shape[1:]
+    ys = torch.arange(h, device=masks.device)
+    xs = torch.arange(w, device=masks.device)
+    big = torch.iinfo(torch.long).max
+    y0 = torch.where(rows, ys, big).amin(dim=1)
+    y1 = torch.where(rows, ys, -1).amax(dim=1) + 1
+    x0 = torch.where(cols, xs, big).amin(dim=1)
+    x1 = torch.where(cols, xs, -1).amax(dim=1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    return torch.where(rows.any(dim=1, keepdim=True), boxes, torch.zeros_like(boxes))
+
+
+@dataclass
+class Instances:
+    """Instances of one image, on one canvas of size (H, W).
+
+    labels: [N] long, contiguous class ids in [0, num_classes)
+    masks:  [N, H, W] bool
+    boxes:  [N, 4] float xyxy in pixels of the same canvas
+    scores: [N] float, or None for ground truth / hard pseudo-labels
+    """
+
+    labels: torch.Tensor
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor | None = None
+
+    @classmethod
+    def from_masks(cls, labels: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor | None = None) -> "Instances":
+        return cls(labels=labels.long(), masks=masks.bool(), boxes=masks_to_boxes(masks.bool()), scores=scores)
+
+    @classmethod
+    def empty(cls, height: int, width: int) -> "Instances":
+        return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, height, width, dtype=torch.bool), torch.zeros(0, 4))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.masks.shape[-2]), int(self.masks.shape[-1])
+
+    def __getitem__(self, keep: torch.Tensor | slice) -> "Instances":
+        return Instances(self.labels[keep], self.masks[keep], self.boxes[keep],
+                         None if self.scores is None else self.scores[keep])
+
+    def to(self, device: torch.device | str) -> "Instances":
+        return Instances(self.labels.to(device), self.masks.to(device), self.boxes.to(device),
+                         None if self.scores is None else self.scores.to(device))
+
+    def with_scores(self, scores: torch.Tensor | None) -> "Instances":
+        return replace(self, scores=scores)
+
+
+@dataclass
+class Batch:
+    """A padded batch ready for a model.
+
+    images:      [B, 3, H, W] uint8 RGB, zero-padded at the bottom/right to a multiple of 32
+    image_sizes: valid (h, w) of each image inside the padded canvas
+    targets:     per-image `Instances` on the padded canvas (H, W), or None for unlabeled data
+    strong:      [B, 3, H, W] uint8, the strong view of unlabeled images (same geometry as `images`)
+    image_ids:   dataset image ids (for evaluation)
+    orig_sizes:  (h, w) of each original image before any resize (for evaluation at full size)
+    """
+
+    images: torch.Tensor
+    image_sizes: list[tuple[int, int]]
+    targets: list[Instances] | None = None
+    strong: torch.Tensor | None = None
+    image_ids: list[int] = field(default_factory=list)
+    orig_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return replace(
+            self,
+            images=self.images.to(device, non_blocking=True),
+            strong=None if self.strong is None else self.strong.to(device, non_blocking=True),
+            targets=None if self.targets is None else [t.to(device) for t in self.targets],
+        )
