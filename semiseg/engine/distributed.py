@@ -1,0 +1,134 @@
+"""Multi-process training helpers: torchrun initialisation, rank queries, collectives, DDP wrapping.
+
+Every helper works in a plain single process (world size 1, no process group): collectives return
+their input, `barrier` does nothing. Under `torchrun` (env vars `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+`MASTER_ADDR`, `MASTER_PORT`) `init_distributed` joins the process group: nccl on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from semiseg.errors import ConfigError
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def select_device(device: str) -> torch.device:
+    """The device of this process for `train.device` auto | cpu | cuda | cuda:N.
+
+    Under torchrun, "auto"/"cuda" use GPU `LOCAL_RANK`; in a plain process, "auto" is cuda:0 when
+    a GPU is available and the CPU otherwise.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return torch.device("cpu")
+    if not device.startswith("cuda"):
+        raise ConfigError(f"train.device={device!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device={device!r} but no CUDA GPU is available (use train.device=cpu)")
+    index = int(device.split(":", 1)[1]) if ":" in device else local_rank
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device: GPU {index} requested but only {torch.cuda.device_count()} visible")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
+    """Join the torchrun process group (no-op without `WORLD_SIZE` > 1 or if already joined)."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(minutes=timeout_minutes),
+                            **kwargs)
+
+
+def destroy_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """`[obj of rank 0, obj of rank 1, ...]` on every rank (`[obj]` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def reduce_dict(values: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
+    """Sum (or average) scalar tensors over ranks; every rank gets the result. Keys must match."""
+    if not is_distributed() or not values:
+        return dict(values)
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    dist.all_reduce(stacked)
+    if average:
+        stacked /= get_world_size()
+    return dict(zip(keys, stacked))
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank (so all ranks take the same branch)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel around `model` when a process group exists, else `model` itself."""
+    if not is_distributed() or not any(p.requires_grad for p in model.parameters()):
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside a DDP (or torch.compile) wrapper; the model itself otherwise."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
