@@ -15,3 +15,7 @@ class ConfigError(SemisegError):
 
 class CheckpointError(SemisegError):
     """A checkpoint cannot be read or does not fit the model."""
+
+
+class TrainingError(SemisegError):
+    """Training cannot go on (a non-finite loss, GPU out of memory); the message says what to change."""
