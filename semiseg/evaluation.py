@@ -133,7 +133,6 @@ class CocoEvaluator:
         """Give every rank the predictions of all ranks (`all_gather_object`).
 
         A no-op unless torch.distributed is initialised; afterwards rank 0 can call `evaluate`.
-        Images seen with no predictions stay counted as seen.
         """
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
@@ -243,9 +242,13 @@ def _normalised_ground_truth(coco: dict[str, Any], source: str) -> dict[str, Any
     categories = copy.deepcopy(coco["categories"])
     if not categories:
         raise DataError(f"{source}: no categories")
+    if not all(isinstance(c, dict) and "id" in c for c in categories):
+        raise DataError(f"{source}: every category needs an 'id'")
     category_ids = {c["id"] for c in categories}
     annotations = []
     for index, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann, dict):
+            raise DataError(f"{source}: annotation #{index} is not an object")
         if ann.get("image_id") not in sizes:
             raise DataError(f"{source}: annotation {ann.get('id')} refers to unknown image id {ann.get('image_id')}")
         if ann.get("category_id") not in category_ids:

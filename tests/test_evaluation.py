@@ -307,3 +307,24 @@ def test_bad_input_raises_one_line_errors(tmp_path):
         ev.add(13, one.with_scores(None))
     with pytest.raises(ConfigError, match="keypoints"):
         ev.evaluate(["keypoints"])
+
+
+def _gather_worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        gt = _ground_truth()
+        results = _noisy_evaluator(gt).results()
+        ev = CocoEvaluator(gt)
+        ev.merge([r for r in results if r["image_id"] % world_size == rank])  # each rank holds half the images
+        ev.gather()
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(ev.results(), f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_collects_every_rank_results(tmp_path):
+    out_file = tmp_path / "gathered.json"
+    torch.multiprocessing.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2)
+    assert json.loads(out_file.read_text()) == _noisy_evaluator(_ground_truth()).results()
