@@ -26,10 +26,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from semiseg.errors import CheckpointError
+from semiseg.models.weights import save_safetensors_atomic
 
 STATE_FILE = "state.pt"
 FORMAT = "semiseg-1"
@@ -80,19 +80,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     fsync_dir(path.parent)
 
 
-def _storage_safe(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors with no two sharing memory (what safetensors requires)."""
-    out, seen = {}, set()
-    for k, v in state_dict.items():
-        t = v.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.nbytes) if t.numel() else None
-        if key is not None and (key in seen or t.untyped_storage().nbytes() != t.nbytes):
-            t = t.clone()
-        seen.add(key)
-        out[k] = t
-    return out
-
-
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], info: WeightsInfo) -> None:
     """Write `state_dict` as safetensors at `path` (atomically) with `info` in its metadata."""
     metadata = {
@@ -103,8 +90,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], info: WeightsI
     }
     if info.config is not None:
         metadata["config"] = json.dumps(info.config)
-    tensors = _storage_safe(state_dict)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    save_safetensors_atomic(state_dict, path, metadata=metadata)
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], WeightsInfo]:

@@ -12,7 +12,6 @@ Parameter groups follow Mask2Former's recipe (detectron2 semantics):
 from __future__ import annotations
 
 import bisect
-import math
 from typing import Iterable
 
 import torch
@@ -106,7 +105,3 @@ def clip_full_model_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: fl
         return torch.nn.utils.clip_grad_norm_(grads, max_norm)
     return torch.nn.utils.get_total_norm([p.grad for p in grads])
 
-
-def is_finite(value: torch.Tensor | float) -> bool:
-    """True if a scalar tensor or float is neither inf nor nan."""
-    return bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else math.isfinite(value)
