@@ -99,8 +99,8 @@ def check_segmentation(segmentation: Any, height: int, width: int, source: str =
 
 
 def _polygon_arrays(polygons: list[list[float]], height: int, width: int, source: str) -> list[list[float]]:
-    """Numeric, finite polygons with every vertex near the image (the rasteriser's work grows with
-    the distance between vertices, so a stray 1e9 would exhaust memory)."""
+    """Numeric, finite polygons with every vertex within max(H, W) of the image (the rasteriser's
+    work grows with the distance between vertices, so a stray 1e9 would exhaust memory)."""
     checked = []
     for i, polygon in enumerate(polygons):
         try:
@@ -109,7 +109,8 @@ def _polygon_arrays(polygons: list[list[float]], height: int, width: int, source
             raise _fail(source, f"polygon {i} has non-numeric coordinates") from None
         if not np.isfinite(xy).all():
             raise _fail(source, f"polygon {i} has a NaN or infinite coordinate")
-        far = (xy[:, 0] < -width) | (xy[:, 0] > 2 * width) | (xy[:, 1] < -height) | (xy[:, 1] > 2 * height)
+        margin = max(height, width)
+        far = (xy[:, 0] < -margin) | (xy[:, 0] > width + margin) | (xy[:, 1] < -margin) | (xy[:, 1] > height + margin)
         if far.any():
             x, y = xy[far][0]
             raise _fail(source, f"polygon {i} has the point ({x:g}, {y:g}) far outside the {width}x{height} image")
