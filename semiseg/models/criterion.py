@@ -1,0 +1,114 @@
+"""Mask2Former's set criterion: Hungarian matching, then class and point-sampled mask losses.
+
+For every prediction set (final and each auxiliary one, each matched independently):
+  loss_ce   cross-entropy over all queries; unmatched queries must predict "no object" (class K),
+            whose weight is `no_object_weight`
+  loss_mask point-wise sigmoid BCE on matched pairs, averaged over points, summed over pairs / num_masks
+  loss_dice 1 - soft dice on the same points, summed over pairs / num_masks
+The points are `num_points` per pair: the most uncertain of an oversampled uniform draw plus
+uniform ones. Terms are returned already multiplied by their weights; aux terms get `_{i}` suffixes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg.models.matcher import HungarianMatcher
+from semiseg.models.point_sampling import get_uncertain_point_coords_with_randomness, point_sample
+from semiseg.structures import Instances
+
+
+def sigmoid_bce_loss(logits: torch.Tensor, labels: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """logits, labels [N, P] -> mean over points, summed over masks, / num_masks."""
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).sum() / num_masks
+
+
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor, num_masks: float) -> torch.Tensor:
+    """logits, labels [N, P] -> sum over masks of 1 - (2*sum(p*t) + 1) / (sum(p) + sum(t) + 1), / num_masks."""
+    prob = logits.sigmoid()
+    numerator = 2 * (prob * labels).sum(-1)
+    denominator = prob.sum(-1) + labels.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+def average_num_masks(targets: Sequence[Instances], device: torch.device) -> float:
+    """Targets per rank: the batch total, averaged over ranks when torch.distributed runs, at least 1."""
+    num = torch.tensor([float(sum(len(t) for t in targets))], device=device)
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num)
+        world = dist.get_world_size()
+    return max(num.item() / world, 1.0)
+
+
+class SetCriterion(nn.Module):
+    """forward(outputs from the decoder, targets: B x Instances at any resolution) -> weighted losses.
+
+    `empty_weight` [K+1] (1 for the classes, `no_object_weight` for "no object") is a buffer, as in
+    the official checkpoints (`criterion.empty_weight`).
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, class_weight: float = 2.0,
+                 mask_weight: float = 5.0, dice_weight: float = 5.0, no_object_weight: float = 0.1,
+                 num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+
+    def loss_labels(self, pred_logits: torch.Tensor, targets: Sequence[Instances],
+                    indices: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """pred_logits [B, Q, K+1] -> weighted cross-entropy over all queries."""
+        b, q, _ = pred_logits.shape
+        device = pred_logits.device
+        target_classes = torch.full((b, q), self.num_classes, dtype=torch.long, device=device)
+        for i, (target, (src, tgt)) in enumerate(zip(targets, indices)):
+            target_classes[i, src.to(device)] = target.labels.to(device)[tgt.to(device)]
+        return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, self.empty_weight)
+
+    def loss_masks(self, pred_masks: torch.Tensor, targets: Sequence[Instances],
+                   indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """pred_masks [B, Q, h, w] -> (BCE, dice) on uncertainty-sampled points of the matched pairs."""
+        device = pred_masks.device
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+        src_idx = torch.cat([src for src, _ in indices]).to(device)
+        matched = pred_masks[batch_idx, src_idx][:, None]  # [N, 1, h, w]
+        with torch.no_grad():
+            coords = get_uncertain_point_coords_with_randomness(
+                matched, self.num_points, self.oversample_ratio, self.importance_sample_ratio)  # [N, P, 2]
+            labels, start = [], 0
+            for target, (_, tgt) in zip(targets, indices):
+                n = len(tgt)
+                masks = target.masks.to(device)[tgt.to(device)][:, None].float()  # each target on its own canvas
+                labels.append(point_sample(masks, coords[start:start + n])[:, 0])
+                start += n
+            labels = torch.cat(labels).to(matched.dtype)  # [N, P]
+        logits = point_sample(matched, coords)[:, 0]  # [N, P]
+        return sigmoid_bce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
+
+    def losses_for(self, outputs: dict, targets: Sequence[Instances], num_masks: float, suffix: str = "") -> dict:
+        """Weighted loss terms of one prediction set, matched on its own."""
+        indices = self.matcher(outputs, targets)
+        loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices)
+        loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
+        raw = {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
+        return {f"{k}{suffix}": v * self.weights[k] for k, v in raw.items()}
+
+    def forward(self, outputs: dict, targets: Sequence[Instances]) -> dict[str, torch.Tensor]:
+        if len(targets) != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]} images")
+        num_masks = average_num_masks(targets, outputs["pred_logits"].device)
+        losses = self.losses_for(outputs, targets, num_masks)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self.losses_for(aux, targets, num_masks, suffix=f"_{i}"))
+        return losses
