@@ -1,0 +1,85 @@
+"""The pseudo-label filter on hand-made teacher outputs."""
+import pytest
+import torch
+
+from semiseg.errors import ConfigError
+from semiseg.models.protocol import PseudoLabelCandidates
+from semiseg.semi.pseudo_labels import ThresholdFilter
+
+NUM_CLASSES = 3
+BIG = 8.0  # a mask logit that is "surely inside" (sigmoid ~ 0.9997)
+
+
+def _candidates(queries: list[tuple[int, float, tuple[slice, slice]]], size: int = 8) -> PseudoLabelCandidates:
+    """One image; each query = (argmax class, confidence, mask region). Class NUM_CLASSES = no object."""
+    q = len(queries)
+    full = torch.zeros(1, q, NUM_CLASSES + 1)
+    mask_logits = torch.full((1, q, size, size), -BIG)
+    for i, (cls, conf, region) in enumerate(queries):
+        # K+1 class probabilities whose top class `cls` has probability `conf`, the rest spread evenly
+        probs = torch.full((NUM_CLASSES + 1,), (1.0 - conf) / NUM_CLASSES)
+        probs[cls] = conf
+        full[0, i] = probs
+        mask_logits[0, i][region] = BIG
+    return PseudoLabelCandidates(class_probs=full[..., :-1], is_object=full.argmax(-1) != NUM_CLASSES,
+                                 mask_logits=mask_logits, boxes=None)
+
+
+def test_reference_rules_keep_confident_large_objects_only():
+    everything = (slice(None), slice(None))
+    candidates = _candidates([
+        (1, 0.9, (slice(1, 4), slice(2, 6))),  # kept: object, confident, area 12
+        (NUM_CLASSES, 0.95, everything),        # dropped: argmax is "no object"
+        (2, 0.6, everything),                   # dropped: not confident enough
+        (0, 0.9, (slice(0, 2), slice(0, 2))),   # dropped: soft area 4 <= 5
+        (0, 0.8, (slice(5, 8), slice(0, 2))),   # kept: area 6
+    ])
+    (pl,) = ThresholdFilter()(candidates, [(32, 32)])
+    assert pl.labels.tolist() == [1, 0]
+    assert pl.image_size == (8, 8) and pl.masks.dtype == torch.bool
+    assert pl.masks[0].sum() == 12 and pl.masks[0, 1:4, 2:6].all()
+    assert pl.masks[1].sum() == 6 and pl.masks[1, 5:8, 0:2].all()
+    assert pl.boxes.tolist() == [[2.0, 1.0, 6.0, 4.0], [0.0, 5.0, 2.0, 8.0]]
+    torch.testing.assert_close(pl.scores, torch.tensor([0.9, 0.8]))
+
+
+def test_threshold_is_strict_and_per_class_thresholds_override_it():
+    region = (slice(0, 4), slice(0, 4))
+    candidates = _candidates([(0, 0.7, region), (1, 0.6, region), (2, 0.9, region)])
+    assert ThresholdFilter()(candidates, [(32, 32)])[0].labels.tolist() == [2]
+    per_class = ThresholdFilter(class_thresholds=(0.65, 0.5, 0.95))
+    assert per_class(candidates, [(32, 32)])[0].labels.tolist() == [0, 1]
+
+
+def test_decoupled_mask_threshold_and_area():
+    candidates = _candidates([(0, 0.9, (slice(0, 4), slice(0, 4)))])
+    candidates.mask_logits[0, 0, 0, :4] = 0.5  # sigmoid 0.62: inside at 0.5, outside at 0.7
+    assert ThresholdFilter()(candidates, [(32, 32)])[0].masks.sum() == 16
+    assert ThresholdFilter(mask_threshold=0.7)(candidates, [(32, 32)])[0].masks.sum() == 12
+    assert len(ThresholdFilter(min_area=16.0)(candidates, [(32, 32)])[0]) == 0
+
+
+def test_padding_is_cleared_before_the_area_test():
+    # image of 12 x 20 pixels in a 32 x 32 canvas -> valid mask area 3 x 5 at stride 4
+    candidates = _candidates([(0, 0.9, (slice(None), slice(None))), (1, 0.9, (slice(4, 8), slice(6, 8)))])
+    (pl,) = ThresholdFilter()(candidates, [(12, 20)])
+    assert pl.labels.tolist() == [0]  # the second query lies entirely in the padding
+    assert pl.masks[0].sum() == 15 and pl.masks[0, :3, :5].all()
+    assert pl.boxes.tolist() == [[0.0, 0.0, 5.0, 3.0]]
+
+
+def test_batch_of_images_and_empty_results():
+    a = _candidates([(0, 0.9, (slice(0, 4), slice(0, 4)))])
+    b = _candidates([(1, 0.5, (slice(0, 4), slice(0, 4)))])
+    both = PseudoLabelCandidates(class_probs=torch.cat([a.class_probs, b.class_probs]),
+                                 is_object=torch.cat([a.is_object, b.is_object]),
+                                 mask_logits=torch.cat([a.mask_logits, b.mask_logits]), boxes=None)
+    first, second = ThresholdFilter()(both, [(32, 32), (32, 32)])
+    assert first.labels.tolist() == [0]
+    assert len(second) == 0 and second.masks.shape == (0, 8, 8) and second.boxes.shape == (0, 4)
+
+
+def test_bad_settings_are_user_errors():
+    candidates = _candidates([(0, 0.9, (slice(0, 4), slice(0, 4)))])
+    with pytest.raises(ConfigError, match="class_thresholds has 2 values but the model has 3 classes"):
+        ThresholdFilter(class_thresholds=(0.5, 0.5))(candidates, [(32, 32)])
