@@ -28,6 +28,7 @@ from semiseg.data.transforms import AugmentationConfig
 from semiseg.errors import ConfigError
 from semiseg.models.backbones import BackboneConfig
 from semiseg.models.mask2former import Mask2FormerConfig
+from semiseg.semi.config import SemiConfig
 
 
 @dataclass
@@ -144,6 +145,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
 
 
 class _Override:

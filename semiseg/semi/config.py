@@ -1,0 +1,79 @@
+"""The `semi:` section of a training config: Guided Distillation settings (defaults = the reference).
+
+    semi:
+      enabled: true                  # stage 2 (teacher -> student); false = plain supervised training
+      teacher_weights: runs/teacher/checkpoints/best   # stage-1 semiseg checkpoint, or an official GD .pth
+      student_init: fresh            # fresh: backbone weights (model.backbone) + random head; teacher: a copy
+      burn_in_iter: 50000            # teacher <- student copy at this iteration, EMA after it
+      ema_decay: 0.9996
+      unsup_loss_weight: 2.0         # L = L_sup + 2.0 * L_unsup
+      labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
+      eval_who: student              # student | teacher | both
+      pseudo_labels: {score_threshold: 0.7, min_area: 5.0, mask_threshold: 0.5}
+
+Unlabeled images come from `data.unlabeled` (+ `data.unlabeled_images`), `data.unlabeled_batch_size`
+of them per iteration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from semiseg.errors import ConfigError
+from semiseg.semi.pseudo_labels import ThresholdFilter
+
+
+@dataclass
+class PseudoLabelConfig:
+    """The default pseudo-label filter (`ThresholdFilter`) and how pseudo-labels enter the loss.
+
+    score_threshold:     keep a query whose class confidence is above this (reference: 0.7)
+    class_thresholds:    one threshold per class instead of `score_threshold` (empty = not used)
+    min_area:            keep a query whose soft mask area (sum of sigmoid, 1/4 resolution) is above this
+    mask_threshold:      binarise the pseudo-mask at sigmoid > this
+    score_weighted_loss: weight the unlabeled loss by the pseudo-labels' confidence (see
+                         docs/guided_distillation.md; the reference uses hard, unweighted targets)
+    """
+
+    score_threshold: float = 0.7
+    class_thresholds: tuple[float, ...] = ()
+    min_area: float = 5.0
+    mask_threshold: float = 0.5
+    score_weighted_loss: bool = False
+
+    def __post_init__(self) -> None:
+        self.class_thresholds = tuple(self.class_thresholds)
+        for name, value in [("score_threshold", self.score_threshold), ("mask_threshold", self.mask_threshold),
+                            *((f"class_thresholds[{i}]", t) for i, t in enumerate(self.class_thresholds))]:
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name}={value}: expected a value in [0, 1]")
+        if self.min_area < 0:
+            raise ConfigError(f"min_area={self.min_area}: expected >= 0")
+
+    def build_filter(self) -> ThresholdFilter:
+        return ThresholdFilter(score_threshold=self.score_threshold, min_area=self.min_area,
+                               mask_threshold=self.mask_threshold, class_thresholds=self.class_thresholds or None)
+
+
+@dataclass
+class SemiConfig:
+    """Guided Distillation (stage 2). See the module docstring for a YAML example."""
+
+    enabled: bool = False
+    teacher_weights: Path | None = None
+    student_init: Literal["fresh", "teacher"] = "fresh"
+    burn_in_iter: int = 50000
+    ema_decay: float = 0.9996
+    unsup_loss_weight: float = 2.0
+    labeled_sampler: Literal["repeat_factor", "uniform"] = "repeat_factor"
+    eval_who: Literal["student", "teacher", "both"] = "student"
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+
+    def __post_init__(self) -> None:
+        if self.burn_in_iter < 0:
+            raise ConfigError(f"burn_in_iter={self.burn_in_iter}: expected >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay}: expected a value in [0, 1)")
+        if self.unsup_loss_weight < 0:
+            raise ConfigError(f"unsup_loss_weight={self.unsup_loss_weight}: expected >= 0")
