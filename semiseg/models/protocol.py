@@ -15,7 +15,8 @@ class PseudoLabelCandidates:
     is_object:   [B, Q] bool, whether the query predicts an object at all (Mask2Former: its argmax is
                  not "no object"; Mask DINO: all true)
     mask_logits: [B, Q, h, w] mask logits on the padded canvas at the model's output resolution
-    boxes:       [B, Q, 4] normalised cxcywh boxes, or None when the model predicts none
+    boxes:       [B, Q, 4] xyxy boxes in pixels of the `mask_logits` canvas (h, w), or None when the
+                 model predicts no boxes (Mask2Former; a filter then derives them from the masks)
     """
 
     class_probs: torch.Tensor
