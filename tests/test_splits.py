@@ -53,6 +53,13 @@ def test_bad_percent_is_a_config_error(percent, ann, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_negative_seed_or_nothing_to_do_is_a_config_error(ann, tmp_path):
+    with pytest.raises(ConfigError, match="seed"):
+        write_splits(ann, [10], seed=-1, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="at least one"):
+        write_splits(ann, [], seed=0, out_dir=tmp_path)
+
+
 def test_sizes_are_int_of_p_times_n_but_at_least_one():
     assert [num_labeled(p, 118287) for p in (0.4, 1, 10)] == [473, 1182, 11828]  # the reference's counts
     assert num_labeled(0.4, 50) == 1 and num_labeled(10, 50) == 5 and num_labeled(100, 50) == 50

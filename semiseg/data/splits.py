@@ -37,9 +37,12 @@ def write_splits(ann_file: Path, percents: list[float], seed: int, out_dir: Path
     An existing file with identical content is left as is; one with different content is an error.
     """
     ann_file = Path(ann_file)
-    names = [split_name(p) for p in percents]
-    if not names and not labeled_lists:
+    for p in percents:
+        split_name(p)  # reject unnamable percentages before reading anything
+    if not percents and not labeled_lists:
         raise ConfigError("split: give at least one percentage or one labeled list")
+    if seed < 0:
+        raise ConfigError(f"split: seed must be >= 0, got {seed}")
     coco = _read_coco(ann_file)
     splits = _percent_splits(coco, percents, seed) + [_list_split(coco, Path(f), ann_file) for f in labeled_lists or []]
     if len({s.name for s in splits}) < len(splits):
@@ -81,10 +84,7 @@ def _percent_splits(coco: dict, percents: list[float], seed: int) -> list[_Split
     order = np.random.default_rng(seed).permutation(len(coco["images"]))
     ids = _sorted_ids(coco["images"])
     shuffled = [ids[i] for i in order]
-    splits = {}
-    for p in sorted(set(percents)):
-        splits[p] = _Split(split_name(p), f"{p:g}%", set(shuffled[:num_labeled(p, len(ids))]))
-    return list(splits.values())
+    return [_Split(split_name(p), f"{p:g}%", set(shuffled[:num_labeled(p, len(ids))])) for p in sorted(set(percents))]
 
 
 def _list_split(coco: dict, list_file: Path, ann_file: Path) -> _Split:
