@@ -14,39 +14,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from semiseg.engine.distributed import unwrap_model
+
 COPY = "copy"
 EMA = "ema"
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper (or the module itself)."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
-
-def _paired_tensors(teacher: nn.Module, student: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(teacher tensor, student tensor) for every parameter and buffer, matched by name."""
-    teacher, student = unwrap(teacher), unwrap(student)
-    t_params, t_buffers = dict(teacher.named_parameters()), dict(teacher.named_buffers())
-    s_params, s_buffers = dict(student.named_parameters()), dict(student.named_buffers())
+def _paired_tensors(target: nn.Module, source: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(target tensor, source tensor) for every parameter and buffer, matched by name."""
+    target, source = unwrap_model(target), unwrap_model(source)
+    t_params, t_buffers = dict(target.named_parameters()), dict(target.named_buffers())
+    s_params, s_buffers = dict(source.named_parameters()), dict(source.named_buffers())
     if t_params.keys() != s_params.keys() or t_buffers.keys() != s_buffers.keys():
-        missing = sorted((s_params.keys() | s_buffers.keys()) ^ (t_params.keys() | t_buffers.keys()))
-        raise ValueError(f"teacher and student architectures differ (e.g. {missing[:3]})")
+        differing = sorted((s_params.keys() | s_buffers.keys()) ^ (t_params.keys() | t_buffers.keys()))
+        raise ValueError(f"the two models' architectures differ (e.g. {differing[:3]})")
     pairs = [(t_params[name], s_params[name]) for name in s_params]
     pairs += [(t_buffers[name], s_buffers[name]) for name in s_buffers]
     return pairs
 
 
 @torch.no_grad()
-def copy_student_to_teacher(teacher: nn.Module, student: nn.Module) -> None:
-    """teacher <- student, for every parameter and buffer (integer buffers included)."""
-    for t, s in _paired_tensors(teacher, student):
+def copy_weights(target: nn.Module, source: nn.Module) -> None:
+    """target <- source, for every parameter and buffer (integer buffers included)."""
+    for t, s in _paired_tensors(target, source):
         t.copy_(s)
 
 
 @torch.no_grad()
-def ema_student_to_teacher(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student; non-float buffers are copied."""
-    for t, s in _paired_tensors(teacher, student):
+def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source; non-float buffers are copied."""
+    for t, s in _paired_tensors(target, source):
         if t.is_floating_point():
             t.lerp_(s.to(t.dtype), 1.0 - decay)
         else:
@@ -57,10 +54,10 @@ def update_teacher(teacher: nn.Module, student: nn.Module, iteration: int, burn_
                    decay: float) -> str | None:
     """Apply the schedule for this iteration; return "copy", "ema" or None (nothing done)."""
     if iteration == burn_in_iter:
-        copy_student_to_teacher(teacher, student)
+        copy_weights(teacher, student)
         return COPY
     if iteration > burn_in_iter:
-        ema_student_to_teacher(teacher, student, decay)
+        ema_update(teacher, student, decay)
         return EMA
     return None
 
