@@ -43,8 +43,3 @@ def sine_position_encoding(
     pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
     return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
-
-def sine_position_encoding_like(feature: torch.Tensor, num_pos_feats: int) -> torch.Tensor:
-    """Encoding for a feature map [B, C, H, W] without padding -> [B, 2 * num_pos_feats, H, W] float32."""
-    b, _, h, w = feature.shape
-    return sine_position_encoding(b, h, w, num_pos_feats, device=feature.device)
