@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("split", help="seeded, nested labeled-percentage splits of a COCO json")
     p.add_argument("--ann", type=Path, required=True, help="instances json of the full training set")
-    p.add_argument("--percent", type=float, nargs="+", required=True, help="e.g. 0.4 1 2 5 10")
+    p.add_argument("--percent", type=float, nargs="*", default=[], help="e.g. 0.4 1 2 5 10")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--unlabeled", action="store_true", help="also write the complementary unlabeled lists")
