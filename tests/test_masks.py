@@ -38,7 +38,7 @@ def test_compressed_rle_round_trip(mask):
     json.dumps(rle)
     decoded = decode_segmentation(rle, *mask.shape)
     assert decoded.dtype == np.bool_ and np.array_equal(decoded, mask)
-    assert rle_counts(rle["counts"]) == column_major_runs(mask)
+    assert rle_counts(rle["counts"]).tolist() == column_major_runs(mask)
 
 
 @settings(max_examples=50, deadline=None)
@@ -80,6 +80,9 @@ def test_polygon_rasterises_where_expected():
     ({"size": [4, 5], "counts": "92203Y"}, "middle"),
     ({"size": [4, 5], "counts": "9 2203"}, "invalid character"),
     ({"size": [4, 5], "counts": [6.0, 14]}, "integers"),
+    ({"size": [4, 5], "counts": [[6], [1, 13]]}, "integers"),
+    ({"size": [4, 5], "counts": None}, "counts"),
+    ({"size": [4, 5], "counts": "a" * 12 + "0"}, "impossibly large"),
     ({"size": [4, 5]}, "counts"),
     ([[1, 1, 4, 1]], "2 points"),
     ([[1, 1, 4, 1, 4]], "odd"),

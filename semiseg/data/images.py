@@ -85,5 +85,5 @@ def drop_missing_images(records: list[ImageRecord], source: Path, strict: bool) 
     summary = f"{len(missing)} of {len(records)} image files are missing (first: {first})"
     if strict or len(missing) == len(records):
         raise DataError(f"{source}: {summary}")
-    warnings.warn(f"{source}: skipping {summary}", UserWarning, stacklevel=3)
+    warnings.warn(f"{source}: {summary}; skipping those images", UserWarning, stacklevel=3)
     return [r for r in records if r.file_name not in missing]

@@ -21,35 +21,46 @@ def _fail(source: str, problem: str) -> DataError:
     return DataError(f"{source}: {problem}" if source else problem)
 
 
-def rle_counts(counts: str | bytes, source: str = "") -> list[int]:
-    """Run lengths of a compressed COCO RLE string.
+def rle_counts(counts: str | bytes, source: str = "") -> np.ndarray:
+    """Run lengths [R] (int64) of a compressed COCO RLE string, decoded with array operations.
 
     The string stores each run length in 5-bit groups (character = group + 48, bit 0x20 = more
-    groups follow, bit 0x10 of the last group = negative); from the third run on, the stored
+    groups follow, bit 0x10 of the last group = negative); from the fourth run on, the stored
     value is the difference to the run two places earlier.
     """
     if isinstance(counts, str) and not counts.isascii():
         raise _fail(source, "compressed RLE counts contain non-ASCII characters")
     data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
-    runs: list[int] = []
-    pos = 0
-    while pos < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos == len(data):
-                raise _fail(source, "compressed RLE counts end in the middle of a number")
-            group = data[pos] - 48
-            if not 0 <= group < 64:
-                raise _fail(source, f"compressed RLE counts contain the invalid character {chr(data[pos])!r}")
-            value |= (group & 0x1F) << shift
-            more = bool(group & 0x20)
-            shift += 5
-            pos += 1
-            if not more and group & 0x10:
-                value -= 1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
+    groups = np.frombuffer(data, np.uint8).astype(np.int64) - 48
+    if groups.size == 0:
+        return groups
+    invalid = (groups < 0) | (groups >= 64)
+    if invalid.any():
+        raise _fail(source, f"compressed RLE counts contain the invalid character {chr(data[invalid.argmax()])!r}")
+    last = (groups & 0x20) == 0  # the final group of each number
+    if not last[-1]:
+        raise _fail(source, "compressed RLE counts end in the middle of a number")
+    ends = np.flatnonzero(last)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 12:  # 60 bits: far beyond any image, and still fits int64
+        raise _fail(source, "compressed RLE counts contain an impossibly large number")
+    shifts = 5 * (np.arange(groups.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((groups & 0x1F) << shifts, starts)
+    values -= np.where(groups[ends] & 0x10, 1 << (5 * lengths), 0)
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])  # run i = stored i + run i-2, for i >= 3
+    runs[2::2] = np.cumsum(values[2::2])
+    return runs
+
+
+def _uncompressed_runs(counts: Any, source: str) -> np.ndarray:
+    try:
+        runs = np.asarray(counts) if isinstance(counts, list) and counts else np.zeros(0, np.int64)
+    except ValueError:  # ragged nested lists
+        runs = np.zeros((0, 0))
+    if not isinstance(counts, list) or runs.ndim != 1 or runs.dtype.kind not in "iu":
+        raise _fail(source, "RLE counts must be a string (compressed) or a list of integers (uncompressed)")
     return runs
 
 
@@ -58,16 +69,11 @@ def _check_rle(rle: dict[str, Any], height: int, width: int, source: str) -> Non
     if size is None or counts is None:
         raise _fail(source, "RLE segmentation needs both 'size' and 'counts'")
     if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
-        raise _fail(source, f"RLE size {list(size)} (height, width) does not match the image size [{height}, {width}]")
-    if isinstance(counts, (str, bytes)):
-        runs = rle_counts(counts, source)
-    elif isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-        runs = counts
-    else:
-        raise _fail(source, "RLE counts must be a string (compressed) or a list of integers (uncompressed)")
-    if any(r < 0 for r in runs):
+        raise _fail(source, f"RLE size {size} (height, width) does not match the image size [{height}, {width}]")
+    runs = rle_counts(counts, source) if isinstance(counts, (str, bytes)) else _uncompressed_runs(counts, source)
+    if (runs < 0).any():
         raise _fail(source, "RLE counts contain a negative run length")
-    total = sum(runs)
+    total = int(runs.sum())
     if total != height * width:
         raise _fail(source, f"RLE counts sum to {total} pixels, but the image has {height}*{width} = {height * width}")
 
