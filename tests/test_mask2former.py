@@ -156,3 +156,18 @@ def test_pseudo_label_candidates():
 def test_config_errors_are_reported_together():
     with pytest.raises(ConfigError, match="conv_dim must be a multiple of 32.*deform_attn_backend"):
         Mask2FormerConfig(conv_dim=48, nheads=8, deform_attn_backend="cuda")
+
+
+def test_num_masks_is_all_reduced_when_distributed(tmp_path):
+    import torch.distributed as dist
+
+    from semiseg.models.criterion import average_num_masks
+
+    targets = [Instances.from_masks(torch.tensor([0, 1]), box_masks(8, 8, [(0, 0, 2, 2), (3, 3, 5, 5)])),
+               Instances.empty(8, 8)]
+    assert average_num_masks([Instances.empty(8, 8)], torch.device("cpu")) == 1.0  # clamped
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert average_num_masks(targets, torch.device("cpu")) == 2.0
+    finally:
+        dist.destroy_process_group()
