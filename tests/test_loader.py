@@ -13,7 +13,8 @@ from semiseg.data.masks import decode_segmentation
 from semiseg.data.records import Annotation, DatasetRecords, ImageRecord
 from semiseg.data.samplers import (InferenceSampler, InfiniteSampler, RepeatFactorSampler,
                                    repeat_factors_from_records)
-from semiseg.data.transforms import StrongAugmentation, build_test_transform, build_train_transform
+from semiseg.data.transforms import (AugmentationConfig, StrongAugmentation, build_test_transform,
+                                     build_train_transform)
 from semiseg.errors import DataError
 from semiseg.structures import Instances, masks_to_boxes
 
@@ -114,13 +115,15 @@ def marker_centre(image: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind,size", [("lsj", 64), ("resize_crop", (48, 64))])
 def test_unlabeled_weak_and_strong_views_share_geometry(tmp_path, kind, size):
-    image = np.full((H, W, 3), 30, dtype=np.uint8)
-    image[20:34, 50:62] = [250, 200, 60]  # the marker
+    image = np.full((H, W, 3), 40, dtype=np.uint8)
+    image[20:34, 50:62] = 200  # a grey marker on darker grey (LSJ padding too): the brightest spot in any jitter
     Image.fromarray(image).save(tmp_path / "u.png")
     records = DatasetRecords([ImageRecord(tmp_path / "u.png", 7)], [], [], tmp_path)
-    weak_only = build_train_transform(kind, size, min_scale=0.8, max_scale=1.2, short_edges=[64], color=False)
+    weak_only = build_train_transform(kind, size, min_scale=0.8, max_scale=1.2, short_edges=[64], color=False,
+                                      pad_value=40)
     plain = UnlabeledDataset(records, weak_only, StrongAugmentation(0.0, 0.0, 0.0))
     strong = UnlabeledDataset(records, weak_only, StrongAugmentation(1.0, 0.0, 1.0))
+    visible = 0
     for seed in range(3):
         plain.reseed(seed)
         sample = plain[0]
@@ -129,8 +132,10 @@ def test_unlabeled_weak_and_strong_views_share_geometry(tmp_path, kind, size):
         strong.reseed(seed)
         sample = strong[0]
         assert not torch.equal(sample.strong, sample.image)
-        if (sample.image > 100).any():
+        if (sample.image > 100).any():  # marker inside the crop
             assert torch.allclose(marker_centre(sample.strong), marker_centre(sample.image), atol=1.0)
+            visible += 1
+    assert visible >= 2
 
 
 def test_eval_dataset_resizes_deterministically_and_reports_the_original_size(records):
@@ -297,3 +302,25 @@ def test_loader_workers_draw_different_augmentations(records):
     first, second = take(loader, 2)  # made by worker 0 and worker 1 from the same image
     assert first.image_ids == second.image_ids == [100]
     assert not torch.equal(first.images, second.images)
+
+
+def test_synthetic_coco_dataset_end_to_end_through_the_real_readers(tmp_path):
+    from semiseg.data.coco import load_coco_instances
+    from semiseg.data.synthetic import write_synthetic_dataset
+    from semiseg.data.unlabeled import load_unlabeled
+
+    paths = write_synthetic_dataset(tmp_path / "synth", num_train=6, num_val=2, image_size=64)
+    records = load_coco_instances(paths["train_ann"], paths["train_images"])
+    augmentation = AugmentationConfig(image_size=64, min_scale=0.5, max_scale=1.5)
+    labeled = LabeledDataset(records, augmentation.train_transform())
+    unlabeled = UnlabeledDataset(load_unlabeled(paths["train_images"]), augmentation.train_transform(),
+                                 augmentation.strong_transform())
+    repeat_factors = repeat_factors_from_records(labeled.records)
+    stream = SemiSupervisedStream(
+        build_train_loader(labeled, RepeatFactorSampler(repeat_factors, rank=0, world_size=1), batch_size=2),
+        build_train_loader(unlabeled, InfiniteSampler(len(unlabeled), rank=0, world_size=1), batch_size=2))
+    labeled_batch, unlabeled_batch = next(iter(stream))
+    assert labeled_batch.images.shape == unlabeled_batch.strong.shape == (2, 3, 64, 64)
+    for target in labeled_batch.targets:
+        assert target.masks.flatten(1).any(dim=1).all() and (target.labels < records.num_classes).all()
+        assert torch.equal(target.boxes, masks_to_boxes(target.masks))

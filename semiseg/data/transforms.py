@@ -15,13 +15,13 @@ applied to the weak view's output, so it shares the weak view's geometry exactly
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as TF
 
 from semiseg.errors import ConfigError
@@ -228,8 +228,9 @@ class StrongAugmentation:
     """Photometric strong view (as Guided Distillation): applied to the weak view's uint8 output.
 
     RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=jitter_p) -> RandomGrayscale(p=grayscale_p)
-    -> RandomApply(GaussianBlur(sigma ~ U(0.1, 2.0)), p=blur_p). No geometry, so the strong view
-    is pixel-aligned with the weak view. image [3, H, W] uint8 -> [3, H, W] uint8.
+    -> RandomApply(GaussianBlur(radius sigma ~ U(0.1, 2.0)), p=blur_p). Runs on a PIL image like
+    the reference (several times faster than the tensor ops on CPU). No geometry, so the strong
+    view is pixel-aligned with the weak view. image [3, H, W] uint8 -> [3, H, W] uint8.
     """
 
     def __init__(self, jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.5,
@@ -240,15 +241,19 @@ class StrongAugmentation:
         self.blur_sigma = blur_sigma
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        if rng.random() < self.jitter_p:
-            image = self._jitter(image, rng)
-        if rng.random() < self.grayscale_p:
-            image = TF.rgb_to_grayscale(image, num_output_channels=3)
-        if rng.random() < self.blur_p:
-            image = self._blur(image, rng.uniform(*self.blur_sigma))
-        return image
+        jitter, gray, blur = (rng.random() < p for p in (self.jitter_p, self.grayscale_p, self.blur_p))
+        if not (jitter or gray or blur):
+            return image
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+        if jitter:
+            picture = self._jitter(picture, rng)
+        if gray:
+            picture = TF.rgb_to_grayscale(picture, num_output_channels=3)
+        if blur:
+            picture = picture.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_sigma)))
+        return torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous()
 
-    def _jitter(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def _jitter(self, picture: Image.Image, rng: np.random.Generator) -> Image.Image:
         """torchvision ColorJitter: the four adjustments in a random order."""
         factors = [rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness),
                    rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast),
@@ -256,15 +261,8 @@ class StrongAugmentation:
                    rng.uniform(-self.hue, self.hue)]
         ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
         for i in rng.permutation(4):
-            image = ops[i](image, float(factors[i]))
-        return image
-
-    @staticmethod
-    def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-        radius = min(math.ceil(3 * sigma), min(image.shape[-2:]) - 1)
-        if radius < 1:
-            return image
-        return TF.gaussian_blur(image, [2 * radius + 1] * 2, [sigma, sigma])
+            picture = ops[i](picture, float(factors[i]))
+        return picture
 
 
 def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
