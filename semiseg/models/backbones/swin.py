@@ -99,8 +99,8 @@ class SwinBackbone(Backbone):
 
     def __init__(self, net: SwinTransformer):
         channels = [info["num_chs"] for info in net.feature_info]
-        mean = tuple(255.0 * m for m in net.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
-        std = tuple(255.0 * s for s in net.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+        mean = tuple(255.0 * m for m in getattr(net, "pretrained_cfg", {}).get("mean", (0.485, 0.456, 0.406)))
+        std = tuple(255.0 * s for s in getattr(net, "pretrained_cfg", {}).get("std", (0.229, 0.224, 0.225)))
         super().__init__(dict(zip(STAGES, channels)), mean, std)
         self.patch_embed = net.patch_embed
         self.layers = net.layers

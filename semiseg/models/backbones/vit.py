@@ -67,8 +67,8 @@ class ViTBackbone(Backbone):
     """
 
     def __init__(self, net: VisionTransformer, pyramid_channels: int = 256):
-        mean = tuple(255.0 * m for m in net.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
-        std = tuple(255.0 * s for s in net.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+        mean = tuple(255.0 * m for m in getattr(net, "pretrained_cfg", {}).get("mean", (0.485, 0.456, 0.406)))
+        std = tuple(255.0 * s for s in getattr(net, "pretrained_cfg", {}).get("std", (0.229, 0.224, 0.225)))
         super().__init__({name: pyramid_channels for name in STAGES}, mean, std)
         self.net = net
         self.pyramid = SimpleFeaturePyramid(net.embed_dim, pyramid_channels)
