@@ -96,6 +96,17 @@ class Batch:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True) so host→GPU copies can be asynchronous."""
+        return replace(
+            self,
+            images=self.images.pin_memory(),
+            strong=None if self.strong is None else self.strong.pin_memory(),
+            targets=None if self.targets is None else [
+                Instances(t.labels.pin_memory(), t.masks.pin_memory(), t.boxes.pin_memory(), t.scores)
+                for t in self.targets],
+        )
+
     def to(self, device: torch.device | str) -> "Batch":
         return replace(
             self,
