@@ -56,14 +56,18 @@ def select_device(device: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def init_distributed(device: torch.device, timeout_minutes: int = 30) -> None:
-    """Join the torchrun process group (no-op without `WORLD_SIZE` > 1 or if already joined)."""
+def init_distributed(device: torch.device, timeout_minutes: int = 30) -> bool:
+    """Join the torchrun process group; True if this call created it (then `destroy_distributed` it).
+
+    A no-op (False) without `WORLD_SIZE` > 1 or when a group already exists.
+    """
     if is_distributed() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(minutes=timeout_minutes),
                             **kwargs)
+    return True
 
 
 def destroy_distributed() -> None:

@@ -1,0 +1,150 @@
+"""The Python API: load a trained model from its weights file and segment images.
+
+    import semiseg
+    model = semiseg.load("runs/teacher/checkpoints/best/model.safetensors")
+    result = model.predict("image.jpg")   # Instances: masks [N, H, W], boxes [N, 4], labels, scores
+    names = [model.class_names[i] for i in result.labels]
+
+`predict_to_dir` is `semiseg predict`: overlays and a COCO-results json for files and folders.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from semiseg.config import load_config
+from semiseg.data.datasets import Sample
+from semiseg.data.images import read_image
+from semiseg.data.loader import collate
+from semiseg.data.masks import encode_rle
+from semiseg.engine.checkpoint import atomic_write, weights_file
+from semiseg.engine.distributed import select_device
+from semiseg.engine.evaluate import load_named_model
+from semiseg.errors import DataError
+from semiseg.structures import Instances
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+class Predictor:
+    """A model ready for inference, with its class names.
+
+    predict(image) -> Instances at the image's original size: labels [N], masks [N, H, W] bool,
+    boxes [N, 4] xyxy pixels, scores [N] (all kept; filter by score as needed), on the CPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg, class_names: list[str], category_ids: list[int],
+                 device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.class_names, self.category_ids = list(class_names), list(category_ids)
+        self.transform = cfg.data.augmentation.test_transform()
+
+    @torch.no_grad()
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Instances | list[Instances]:
+        """One image (path, PIL image or uint8 [H, W, 3] RGB array) or a list of them."""
+        if isinstance(images, (list, tuple)):
+            return [self._predict_one(image) for image in images]
+        return self._predict_one(images)
+
+    def _predict_one(self, image: ImageInput) -> Instances:
+        array = as_rgb_array(image)
+        tensor = torch.tensor(array).permute(2, 0, 1).contiguous()
+        resized = self.transform.image_only(tensor, np.random.default_rng(0))
+        batch = collate([Sample(resized, 0, tuple(array.shape[:2]))], self.cfg.model.mask2former.size_divisibility)
+        outputs = self.model(batch.images.to(self.device), batch.image_sizes)
+        return self.model.predict(outputs, batch.image_sizes, batch.orig_sizes)[0].to("cpu")
+
+
+def as_rgb_array(image: ImageInput) -> np.ndarray:
+    """[H, W, 3] uint8 RGB from a path, a PIL image or an array (DataError for anything else)."""
+    if isinstance(image, (str, Path)):
+        return read_image(Path(image))
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise DataError(f"image array must be uint8 [H, W, 3] RGB, got {image.dtype} {list(image.shape)}")
+        return image
+    raise DataError(f"cannot read an image from {type(image).__name__} (expected a path, PIL image or array)")
+
+
+def load(weights: Path | str, device: str | None = None, config: Path | str | None = None) -> Predictor:
+    """A `Predictor` from a weights file or checkpoint folder (its student / single model).
+
+    The model is rebuilt from the config embedded in the weights; `config` (a YAML file) is only
+    needed for weights without one (e.g. converted official checkpoints).
+    """
+    torch_device = select_device(device or "auto")
+    path = weights_file(Path(weights), "student")
+    cfg = load_config(config) if config is not None else None
+    model, cfg, info = load_named_model(path, cfg, torch_device)
+    class_names = info.class_names or [f"class {i}" for i in range(cfg.model.num_classes)]
+    return Predictor(model, cfg, class_names, info.category_ids, torch_device)
+
+
+def expand_image_paths(inputs: Sequence[Path | str]) -> list[Path]:
+    """Image files of `inputs` (files as given, folders searched recursively), in order."""
+    from semiseg.data.unlabeled import image_files
+
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = image_files(item)
+            if not found:
+                raise DataError(f"{item}: no image files in this folder")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    return paths
+
+
+def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: Path | str,
+                   score_threshold: float = 0.5, device: str | None = None) -> Path:
+    """`semiseg predict`: an overlay PNG per image and `predictions.json` (COCO results) in `out_dir`.
+
+    The json keeps every prediction with its `file_name` (the threshold only affects the overlays)
+    and dataset category ids. An existing `predictions.json` is never overwritten (DataError).
+    """
+    out_dir = Path(out_dir)
+    results_path = out_dir / "predictions.json"
+    if results_path.exists():
+        raise DataError(f"{results_path} already exists: choose another --out or remove it")
+    paths = expand_image_paths(images)
+    predictor = load(weights, device)
+    from semiseg.visualize import save_overlay
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, used = [], set()
+    for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", dynamic_ncols=True), start=1):
+        array = read_image(path)
+        instances = predictor.predict(array)
+        name = path.stem
+        while name in used:
+            name += "_"
+        used.add(name)
+        save_overlay(out_dir / f"{name}.png", array, instances, predictor.class_names, score_threshold)
+        results += coco_results(instances, image_id, str(path), predictor.category_ids)
+    text = json.dumps(results)
+    atomic_write(results_path, lambda tmp: tmp.write_text(text))
+    print(f"semiseg: {len(paths)} overlays and {results_path} ({len(results)} instances)")
+    return out_dir
+
+
+def coco_results(instances: Instances, image_id: int, file_name: str, category_ids: list[int]) -> list[dict]:
+    """COCO results entries (RLE masks, xywh boxes) of one image's predictions."""
+    entries = []
+    for label, mask, box, score in zip(instances.labels.tolist(), instances.masks.numpy(),
+                                       instances.boxes.tolist(), instances.scores.tolist()):
+        x0, y0, x1, y1 = box
+        entries.append({"image_id": image_id, "file_name": file_name,
+                        "category_id": category_ids[label] if label < len(category_ids) else label,
+                        "segmentation": encode_rle(mask), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+    return entries

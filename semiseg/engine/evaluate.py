@@ -1,0 +1,129 @@
+"""COCO evaluation of a model: the loop the trainer runs and the `semiseg eval` command.
+
+`semiseg eval --who student|teacher|both` picks the models of a checkpoint: a semi-supervised
+checkpoint folder holds `student.safetensors` and `teacher.safetensors`; a supervised one holds a
+single `model.safetensors`, which "student" (the default) means. A weights file given directly is
+evaluated as it is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from semiseg.config import Config, apply_overrides, config_from_dict, load_config
+from semiseg.engine.checkpoint import WeightsInfo, atomic_write, read_weights, weights_file
+from semiseg.engine.distributed import (broadcast_object, destroy_distributed, get_rank, get_world_size,
+                                        init_distributed, is_main_process, select_device)
+from semiseg.errors import CheckpointError, ConfigError
+from semiseg.evaluation import CocoEvaluator, format_metrics
+
+WHO = {"student": ("student",), "teacher": ("teacher",), "both": ("student", "teacher")}
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluator, device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """COCO metrics of `model` on `loader` (this rank's shard; predictions gathered to rank 0).
+
+    Returns {"segm": {"AP", ...}, "bbox": {...}}, the same on every rank. The model is put in eval
+    mode and restored to its previous mode afterwards.
+    """
+    evaluator.reset()
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc="eval", leave=False, disable=not is_main_process(), dynamic_ncols=True):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = model(batch.images.to(device), batch.image_sizes)
+            predictions = model.predict(outputs, batch.image_sizes, batch.orig_sizes)
+            for image_id, instances in zip(batch.image_ids, predictions):
+                evaluator.add(image_id, instances.to("cpu"))
+    finally:
+        model.train(was_training)
+    evaluator.gather()
+    return broadcast_object(evaluator.evaluate() if is_main_process() else None)
+
+
+def build_eval_loader_for(cfg: Config, ann: Path, images: Path, class_names: list[str] | None = None) -> DataLoader:
+    """This rank's loader over a COCO json with the config's test resize; checks the class list."""
+    from semiseg.data.coco import load_coco_instances
+    from semiseg.data.datasets import EvalDataset
+    from semiseg.data.loader import build_eval_loader
+
+    records = load_coco_instances(ann, images, strict=cfg.data.strict)
+    if class_names and records.class_names != list(class_names):
+        raise ConfigError(f"{ann}: its categories {records.class_names[:5]}... differ from the model's classes "
+                          f"{list(class_names)[:5]}... (evaluate on a dataset with the training categories)")
+    dataset = EvalDataset(records, cfg.data.augmentation.test_transform())
+    return build_eval_loader(dataset, batch_size=1, num_workers=cfg.data.num_workers, rank=get_rank(),
+                             world_size=get_world_size(), size_divisibility=cfg.model.mask2former.size_divisibility)
+
+
+def load_named_model(path: Path, cfg: Config | None, device: torch.device) -> tuple[nn.Module, Config, WeightsInfo]:
+    """Rebuild a model from a weights file: its embedded config (or `cfg`), then its weights."""
+    from semiseg.engine.convert import load_model_weights
+    from semiseg.models.build import build_model
+
+    tensors, info = read_weights(path)
+    if cfg is None:
+        if info.config is None:
+            raise CheckpointError(f"{path}: has no embedded semiseg config (e.g. a converted official checkpoint); "
+                                  f"pass --config")
+        cfg = config_from_dict(info.config, source=f"{path} (embedded config)")
+    num_classes = len(info.class_names) or cfg.model.num_classes
+    if num_classes < 1:
+        raise ConfigError(f"{path}: unknown number of classes: set model.num_classes in the config")
+    model = build_model(cfg.model, num_classes, load_backbone_weights=False)
+    load_model_weights(model, tensors, strict=True, source=path)
+    return model.to(device).eval(), cfg, info
+
+
+def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iterable[str] = (), who: str = "student",
+                      ann: Path | None = None, images: Path | None = None, out: Path | None = None,
+                      device: str = "auto") -> dict[str, dict[str, Any]]:
+    """`semiseg eval`: COCO AP of the chosen model(s) of a checkpoint; prints tables, writes JSON to `out`.
+
+    weights: a checkpoint folder (`.../checkpoints/best`) or a `.safetensors` file.
+    config:  a YAML config; default: the config embedded in the weights. `overrides` apply to it.
+    ann/images: the COCO json and image folder; default: the config's `data.val_ann`/`val_images`.
+    Returns {model name: metrics}.
+    """
+    weights = Path(weights)
+    if who not in WHO:
+        raise ConfigError(f"--who {who!r}: expected student, teacher or both")
+    if weights.is_file():
+        _, info = read_weights(weights)
+        if who != "student" and info.name != who:
+            raise CheckpointError(f"{weights}: holds the {info.name} model, not the {who}; pass the checkpoint folder")
+        paths = {info.name: weights}
+    else:
+        paths = {name: weights_file(weights, name) for name in WHO[who]}
+    base_cfg = load_config(config, overrides) if config is not None else None
+    torch_device = select_device(device)
+    joined = init_distributed(torch_device)
+    try:
+        results = {}
+        for name, path in paths.items():
+            model, cfg, info = load_named_model(path, base_cfg, torch_device)
+            if base_cfg is None:
+                cfg = apply_overrides(cfg, overrides)
+            ann_file, image_dir = (ann, images) if ann is not None else (cfg.data.val_ann, cfg.data.val_images)
+            if ann_file is None or image_dir is None:
+                raise ConfigError(f"{path}: no evaluation set: pass --ann and --images (or set data.val_ann/val_images)")
+            loader = build_eval_loader_for(cfg, Path(ann_file), Path(image_dir), info.class_names)
+            results[name] = evaluate_model(model, loader, CocoEvaluator.from_json(ann_file), torch_device)
+            if is_main_process():
+                print(f"{name} ({path}) on {ann_file}:\n{format_metrics(results[name])}")
+        if out is not None and is_main_process():
+            text = json.dumps(results, indent=2)
+            atomic_write(Path(out), lambda tmp: tmp.write_text(text))
+        return results
+    finally:
+        if joined:
+            destroy_distributed()

@@ -1,0 +1,28 @@
+"""Build the meta-architecture a `ModelConfig` describes (backbone weights loaded from its config)."""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from semiseg.errors import ConfigError
+from semiseg.models.backbones import build_backbone
+from semiseg.models.mask2former import Mask2Former
+
+
+def build_model(model_cfg, num_classes: int, load_backbone_weights: bool = True) -> nn.Module:
+    """A randomly initialised head on `model_cfg.backbone` (pretrained when it names weights).
+
+    model_cfg: `semiseg.config.ModelConfig`; num_classes: number of object classes K.
+    load_backbone_weights: False when the whole model's weights are loaded right after (a saved
+    checkpoint), so the backbone file named in its config need not exist on this machine.
+    """
+    if num_classes < 1:
+        raise ConfigError(f"model: num_classes must be >= 1, got {num_classes}")
+    backbone_cfg = model_cfg.backbone
+    if not load_backbone_weights:
+        backbone_cfg = dataclasses.replace(backbone_cfg, weights=None, download=False)
+    if model_cfg.arch == "mask2former":
+        head_cfg = dataclasses.replace(model_cfg.mask2former, num_classes=num_classes)
+        return Mask2Former(head_cfg, build_backbone(backbone_cfg))
+    raise ConfigError(f"model.arch={model_cfg.arch!r}: expected mask2former")

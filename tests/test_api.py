@@ -1,0 +1,93 @@
+"""Python API: load a saved tiny Mask2Former, predict on paths / arrays / PIL, predict_to_dir."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semiseg.api import load, predict_to_dir
+from semiseg.config import apply_overrides, config_to_dict, Config
+from semiseg.engine.checkpoint import WeightsInfo, save_weights
+from semiseg.errors import CheckpointError, DataError
+from semiseg.models.build import build_model
+from semiseg.structures import masks_to_boxes
+
+CLASS_NAMES = ["disk", "square", "star"]
+TINY = ["model.backbone.name=tiny_resnet", "model.mask2former.hidden_dim=32", "model.mask2former.conv_dim=32",
+        "model.mask2former.mask_dim=32", "model.mask2former.nheads=4", "model.mask2former.dim_feedforward=64",
+        "model.mask2former.enc_dim_feedforward=64", "model.mask2former.enc_layers=1",
+        "model.mask2former.dec_layers=2", "model.mask2former.num_queries=8", "model.mask2former.test_topk=10",
+        "data.augmentation.test_short_edge=64", "data.augmentation.test_max_size=96", "model.num_classes=3"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    cfg = apply_overrides(Config(), TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    save_weights(path, model.state_dict(), WeightsInfo(config_to_dict(cfg), CLASS_NAMES, [1, 5, 9], "model"))
+    return path
+
+
+def image(seed=0, h=50, w=70):
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+    array[10:30, 20:45] = (230, 40, 40)
+    return array
+
+
+def test_predict_on_paths_arrays_and_pil_images(weights, tmp_path):
+    predictor = load(weights, device="cpu")
+    assert predictor.class_names == CLASS_NAMES
+    array = image()
+    Image.fromarray(array).save(tmp_path / "a.png")
+    from_path = predictor.predict(tmp_path / "a.png")
+    from_array = predictor.predict(array)
+    from_pil = predictor.predict(Image.fromarray(array))
+    assert from_path.masks.shape[1:] == (50, 70)  # original size, though the model ran at 64 px short side
+    assert len(from_path) == 10 and from_path.scores.shape == (10,)
+    assert from_path.labels.max() < 3 and from_path.masks.dtype == torch.bool
+    assert torch.equal(from_path.boxes, masks_to_boxes(from_path.masks))
+    for other in (from_array, from_pil):
+        assert torch.equal(other.masks, from_path.masks) and torch.equal(other.scores, from_path.scores)
+    batch = predictor.predict([array, image(1, 40, 40)])
+    assert [r.masks.shape[1:] for r in batch] == [(50, 70), (40, 40)]
+
+
+def test_checkpoint_folder_and_bad_inputs(weights, tmp_path):
+    assert load(weights.parent, device="cpu").class_names == CLASS_NAMES  # folder -> model.safetensors
+    predictor = load(weights, device="cpu")
+    with pytest.raises(DataError, match=r"uint8 \[H, W, 3\]"):
+        predictor.predict(np.zeros((10, 10), dtype=np.float32))
+    with pytest.raises(DataError, match="missing.png"):
+        predictor.predict(tmp_path / "missing.png")
+    with pytest.raises(CheckpointError, match="no such weights"):
+        load(tmp_path / "nothing.safetensors")
+
+
+def test_predict_to_dir_writes_overlays_and_coco_results(weights, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(image(0)).save(folder / "one.png")
+    Image.fromarray(image(1, 40, 60)).save(folder / "sub" / "two.jpg")
+    single = tmp_path / "three.png"
+    Image.fromarray(image(2)).save(single)
+    out = tmp_path / "out"
+    predict_to_dir([folder, single], weights, out, score_threshold=0.0, device="cpu")
+
+    assert sorted(p.name for p in out.glob("*.png")) == ["one.png", "three.png", "two.png"]
+    overlay = np.asarray(Image.open(out / "two.png"))
+    assert overlay.shape == (40, 60, 3)
+    results = json.loads((out / "predictions.json").read_text())
+    assert {r["file_name"] for r in results} == {str(folder / "one.png"), str(folder / "sub" / "two.jpg"), str(single)}
+    assert len(results) == 30 and {r["category_id"] for r in results} <= {1, 5, 9}
+    first = results[0]
+    assert first["segmentation"]["size"] == [50, 70] and isinstance(first["segmentation"]["counts"], str)
+    assert len(first["bbox"]) == 4 and 0.0 <= first["score"] <= 1.0
+
+    with pytest.raises(DataError, match="predictions.json already exists"):
+        predict_to_dir([single], weights, out, device="cpu")
+    with pytest.raises(DataError, match="nowhere: no such file or folder"):
+        predict_to_dir([tmp_path / "nowhere"], weights, tmp_path / "out2", device="cpu")

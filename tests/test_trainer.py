@@ -1,0 +1,111 @@
+"""The training loop on a tiny deterministic problem: learning, non-finite losses, run dir, best checkpoint."""
+import json
+
+import pytest
+import torch
+from engine_doubles import parameters, toy_config, toy_trainer
+
+from semiseg.engine.checkpoint import STATE_FILE, read_weights
+from semiseg.engine.trainer import Trainer, metric_value
+from semiseg.errors import ConfigError, TrainingError
+from semiseg.evaluation import SUMMARY_KEYS
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_metrics_are_logged(tmp_path):
+    trainer = toy_trainer(toy_config(tmp_path / "run", "solver.max_iter=30", "train.log_period=5"))
+    trainer.train()
+    records = read_metrics(tmp_path / "run")
+    assert [r["iteration"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    first = records[0]
+    assert first["loss"] == pytest.approx(first["loss_ce"] + first["loss_smooth"])
+    assert first["lr"] == pytest.approx(0.01) and first["skipped_steps"] == 0 and first["time"] > 0
+    assert any((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+def test_nonfinite_loss_stops_with_the_iteration_and_every_term(tmp_path):
+    trainer = toy_trainer(toy_config(tmp_path / "run"))
+    trainer.model.poison = {3}  # the third loss call = iteration 2
+    with pytest.raises(TrainingError) as e:
+        trainer.train()
+    message = str(e.value)
+    assert "non-finite loss at iteration 2" in message and "\n" not in message
+    assert "loss_ce=nan" in message and "loss_smooth=" in message and "train.on_nonfinite=skip" in message
+
+
+def test_nonfinite_loss_skips_the_step_when_asked(tmp_path):
+    snapshots = {}
+
+    class Recording(Trainer):
+        def before_step(self, iteration):
+            snapshots[iteration] = parameters(self.model)
+
+    cfg = toy_config(tmp_path / "run", "train.on_nonfinite=skip", "train.log_period=1")
+    base = toy_trainer(cfg)
+    trainer = Recording(cfg, base.model, base.streams, base.run, base.device, base.info)
+    trainer.model.poison = {3}
+    trainer.train()
+    assert trainer.skipped_steps == 1
+    same = [torch.equal(snapshots[2][k], snapshots[3][k]) for k in snapshots[2]]
+    assert all(same)  # the skipped iteration 2 changed nothing
+    assert not all(torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[1])
+    records = read_metrics(tmp_path / "run")
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert records[2]["loss"] is None
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    big = toy_trainer(toy_config(tmp_path / "big", "data.batch_size=4"))
+    big.train()
+    accum = toy_trainer(toy_config(tmp_path / "accum", "data.batch_size=2", "solver.grad_accum=2"))
+    accum.train()
+    a, b = parameters(big.model), parameters(accum.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert accum.streams["labeled"].position == 12
+
+
+def test_non_empty_run_dir_is_refused_unless_resume_or_overwrite(tmp_path):
+    run = tmp_path / "run"
+    toy_trainer(toy_config(run, "solver.max_iter=2")).train()
+    with pytest.raises(ConfigError) as e:
+        toy_trainer(toy_config(run, "solver.max_iter=2"))
+    assert str(run) in str(e.value) and "--resume" in str(e.value) and "train.overwrite=true" in str(e.value)
+
+    (run / "notes.txt").write_text("mine")
+    toy_trainer(toy_config(run, "solver.max_iter=2", "train.overwrite=true"))
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # only semiseg's own files were removed
+
+
+def test_best_checkpoint_is_chosen_on_the_evaluation_just_computed(tmp_path):
+    scripted = iter([10.0, 30.0, 20.0])
+    evaluated = {}
+
+    def evaluate(model):
+        evaluated[len(evaluated) + 1] = parameters(model)
+        ap = next(scripted)
+        return {"segm": {**dict.fromkeys(SUMMARY_KEYS, ap / 2), "AP": ap, "per_class": {}},
+                "bbox": {**dict.fromkeys(SUMMARY_KEYS, 0.0), "per_class": {}}}
+
+    trainer = toy_trainer(toy_config(tmp_path / "run", "train.eval_period=2"), evaluate=evaluate)
+    trainer.train()
+    best = tmp_path / "run" / "checkpoints" / "best"
+    state = torch.load(best / STATE_FILE, weights_only=True)
+    assert state["iteration"] == 4 and state["best_metric"] == 30.0 and state["best_iteration"] == 4
+    tensors, _ = read_weights(best / "model.safetensors")
+    assert all(torch.equal(tensors[k], evaluated[2][k]) for k in tensors)  # the weights that scored 30
+    assert not all(torch.equal(tensors[k], evaluated[3][k]) for k in tensors)
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval" in r]
+    assert [(r["iteration"], r["eval"]["model"]["segm"]["AP"]) for r in evals] == [(2, 10.0), (4, 30.0), (6, 20.0)]
+
+
+def test_metric_value_reads_dotted_keys():
+    metrics = {"segm": {"AP": 12.5, "APs": float("nan")}}
+    assert metric_value(metrics, "segm.AP") == 12.5
+    assert metric_value(metrics, "segm.APs") is None
+    assert metric_value(metrics, "bbox.AP") is None
