@@ -77,15 +77,21 @@ class SetCriterion(nn.Module):
         return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, self.empty_weight)
 
     def loss_masks(self, pred_masks: torch.Tensor, targets: Sequence[Instances],
-                   indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """pred_masks [B, Q, h, w] -> (BCE, dice) on uncertainty-sampled points of the matched pairs."""
+                   indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float,
+                   coords: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pred_masks [B, Q, h, w] -> (BCE, dice) on uncertainty-sampled points of the matched pairs.
+
+        coords: [N, P, 2] points to use instead of sampling them (to replay a recorded run).
+        """
         device = pred_masks.device
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
         src_idx = torch.cat([src for src, _ in indices]).to(device)
         matched = pred_masks[batch_idx, src_idx][:, None]  # [N, 1, h, w]
         with torch.no_grad():
-            coords = get_uncertain_point_coords_with_randomness(
-                matched, self.num_points, self.oversample_ratio, self.importance_sample_ratio)  # [N, P, 2]
+            if coords is None:
+                coords = get_uncertain_point_coords_with_randomness(
+                    matched, self.num_points, self.oversample_ratio, self.importance_sample_ratio)  # [N, P, 2]
+            coords = coords.to(device)
             labels, start = [], 0
             for target, (_, tgt) in zip(targets, indices):
                 n = len(tgt)

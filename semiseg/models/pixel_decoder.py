@@ -1,7 +1,10 @@
 """Multi-scale deformable-attention pixel decoder (Mask2Former's, shared with Mask DINO's encoder).
 
 Backbone maps -> 1x1 projections + GroupNorm -> a post-norm deformable transformer encoder over the
-coarse levels -> an FPN step down to `common_stride` -> `mask_features` (1x1 conv). Parameter names
+coarse levels -> an FPN step down to `common_stride` -> `mask_features` (1x1 conv). Mask DINO's
+options: extra encoder levels made by stride-2 3x3 convs from the coarsest map (`extra_levels`), the
+level order (`feature_order`) and an FPN step even when the encoder reaches `common_stride`
+(`min_fpn_levels=1`). Parameter names
 follow the official checkpoints (`input_proj.{i}.{0,1}`, `transformer.level_embed`,
 `transformer.encoder.layers.{l}.{self_attn,norm1,linear1,linear2,norm2}`, `adapter_1`, `layer_1`,
 `mask_features`). The whole module runs in float32 with autocast disabled, like the reference.
@@ -18,6 +21,8 @@ from torch import nn
 from semiseg.errors import ConfigError
 from semiseg.models.deform_attn import MSDeformAttn
 from semiseg.models.position_encoding import sine_position_encoding
+
+FEATURE_ORDERS = ("high2low", "low2high")
 
 
 class ConvNorm(nn.Conv2d):
@@ -147,14 +152,21 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
-    """Mask2Former pixel decoder.
+    """Mask2Former pixel decoder (and Mask DINO's encoder, with its options).
 
     input_shape: backbone feature name -> (channels, stride), e.g. {"res2": (256, 4), ..., "res5": (2048, 32)}.
     forward(features: name -> [B, C_name, H/stride, W/stride]) returns
       mask_features        [B, mask_dim, H/common_stride, W/common_stride]
-      multi_scale_features `num_outputs` x [B, conv_dim, h, w], low resolution first ([1/32, 1/16, 1/8]).
-    The encoder levels are the `transformer_in_features`, ordered low resolution first, so
-    `input_proj.0` projects the coarsest map (official checkpoint order).
+      multi_scale_features `num_outputs` x [B, conv_dim, h, w], the encoder levels in encoder order
+                           (Mask2Former: [1/32, 1/16, 1/8]).
+    The encoder levels are the `transformer_in_features` and `extra_levels` coarser ones (each a
+    stride-2 3x3 conv + GroupNorm of the previous, starting from the coarsest backbone map).
+    feature_order "high2low" lists them low resolution first (Mask2Former; Mask DINO's default), so
+    `input_proj.0` projects the coarsest backbone map; "low2high" lists them high resolution first
+    (Mask DINO's R50 recipe: [1/8, 1/16, 1/32, 1/64]), so `input_proj.0` projects the finest. In both
+    orders the extra levels' projections come last in `input_proj` (official checkpoint order).
+    The FPN starts from the finest encoder level; `min_fpn_levels` forces FPN steps (Mask DINO: 1)
+    when the encoder already reaches `common_stride`.
     """
 
     def __init__(
@@ -171,8 +183,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_n_points: int = 4,
         num_outputs: int = 3,
         deform_attn_backend: str = "pytorch",
+        extra_levels: int = 0,
+        feature_order: str = "high2low",
+        min_fpn_levels: int = 0,
     ):
         super().__init__()
+        if feature_order not in FEATURE_ORDERS:
+            raise ConfigError(f"pixel decoder: feature_order must be one of {FEATURE_ORDERS}, got {feature_order!r}")
+        if extra_levels < 0:
+            raise ConfigError(f"pixel decoder: extra_levels must be >= 0, got {extra_levels}")
         if conv_dim % 32 != 0:
             raise ConfigError(f"pixel decoder: conv_dim {conv_dim} must be a multiple of 32 (GroupNorm(32))")
         missing = [f for f in transformer_in_features if f not in input_shape]
@@ -180,8 +199,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
             raise ConfigError(f"pixel decoder: backbone has no feature(s) {missing}; it provides {sorted(input_shape)}")
         by_stride = sorted(input_shape.items(), key=lambda kv: kv[1][1])
         self.in_features = [name for name, _ in by_stride]
-        # encoder levels, low resolution (large stride) first
-        self.transformer_in_features = sorted(transformer_in_features, key=lambda f: -input_shape[f][1])
+        coarse_first = sorted(transformer_in_features, key=lambda f: -input_shape[f][1])
+        # backbone encoder levels in encoder order
+        self.transformer_in_features = coarse_first if feature_order == "high2low" else coarse_first[::-1]
+        self.coarsest_feature = coarse_first[0]
+        self.feature_order = feature_order
         self.num_outputs = num_outputs
         self.conv_dim = conv_dim
 
@@ -191,11 +213,19 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
             self.input_proj.append(proj)
+        channels = input_shape[self.coarsest_feature][0]
+        for _ in range(extra_levels):
+            proj = nn.Sequential(nn.Conv2d(channels, conv_dim, kernel_size=3, stride=2, padding=1),
+                                 nn.GroupNorm(32, conv_dim))
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+            self.input_proj.append(proj)
+            channels = conv_dim
 
         self.transformer = MSDeformAttnTransformerEncoderOnly(
             d_model=conv_dim, nhead=transformer_nheads, num_encoder_layers=transformer_enc_layers,
             dim_feedforward=transformer_dim_feedforward, dropout=transformer_dropout,
-            num_feature_levels=len(self.transformer_in_features), enc_n_points=transformer_n_points,
+            num_feature_levels=len(self.transformer_in_features) + extra_levels, enc_n_points=transformer_n_points,
             backend=deform_attn_backend)
 
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
@@ -203,7 +233,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         # FPN levels finer than the finest encoder level, down to `common_stride`
         finest_stride = min(input_shape[f][1] for f in transformer_in_features)
-        self.num_fpn_levels = int(math.log2(finest_stride) - math.log2(common_stride))
+        self.num_fpn_levels = max(int(math.log2(finest_stride) - math.log2(common_stride)), min_fpn_levels)
         lateral, output = [], []
         for idx, name in enumerate(self.in_features[: self.num_fpn_levels]):
             adapter = ConvNorm(input_shape[name][0], conv_dim, kernel_size=1, bias=False, norm=nn.GroupNorm(32, conv_dim))
@@ -222,19 +252,25 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward(self, features: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         device_type = next(iter(features.values())).device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            srcs, pos = [], []
-            for proj, name in zip(self.input_proj, self.transformer_in_features):
-                x = features[name].float()
-                srcs.append(proj(x))
-                pos.append(sine_position_encoding(x.shape[0], x.shape[2], x.shape[3], self.conv_dim // 2,
-                                                  device=x.device))
+            num_backbone_levels = len(self.transformer_in_features)
+            srcs = [proj(features[name].float()) for proj, name in zip(self.input_proj, self.transformer_in_features)]
+            extra, x = [], features[self.coarsest_feature].float()
+            for proj in self.input_proj[num_backbone_levels:]:
+                x = proj(x)
+                extra.append(x)
+            # the extra levels are the coarsest: last when fine -> coarse, first (coarsest first) otherwise
+            srcs = srcs + extra if self.feature_order == "low2high" else extra[::-1] + srcs
+            pos = [sine_position_encoding(s.shape[0], s.shape[2], s.shape[3], self.conv_dim // 2, device=s.device)
+                   for s in srcs]
             memory, spatial_shapes = self.transformer(srcs, pos)
             b = memory.shape[0]
             levels = memory.split([h * w for h, w in spatial_shapes], dim=1)
             outs = [z.transpose(1, 2).reshape(b, -1, h, w) for z, (h, w) in zip(levels, spatial_shapes)]
 
+            top = outs[0] if self.feature_order == "low2high" else outs[-1]  # the finest encoder level
             for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
                 lateral = self.lateral_convs[idx](features[name].float())
-                top_down = F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-                outs.append(self.output_convs[idx](lateral + top_down))
-            return self.mask_features(outs[-1]), outs[: self.num_outputs]
+                top_down = F.interpolate(top, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+                top = self.output_convs[idx](lateral + top_down)
+                outs.append(top)
+            return self.mask_features(top), outs[: self.num_outputs]
