@@ -100,13 +100,24 @@ def test_safetensors_atomic_save_round_trip_and_replace(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temporary file left
 
 
-def test_failed_atomic_save_keeps_the_old_file(tmp_path):
+def test_failed_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
     path = tmp_path / "model.safetensors"
     save_safetensors_atomic(_state(0), path)
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="'bad' is a str, not a tensor"):
         save_safetensors_atomic({"w": torch.zeros(2), "bad": "not a tensor"}, path)
+
+    def write_half_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", write_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_safetensors_atomic(_state(1), path)
     _assert_same(load_checkpoint_file(path), _state(0))
-    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # the temporary file is removed
 
 
 @pytest.mark.parametrize("suffix", [".pkl", ".pth", ".safetensors"])

@@ -129,6 +129,8 @@ def save_safetensors_atomic(state_dict: Mapping[str, torch.Tensor], path: str | 
     tensors: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
     for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{path}: {name!r} is a {type(tensor).__name__}, not a tensor")
         tensor = tensor.detach().cpu().contiguous()
         storage = tensor.untyped_storage().data_ptr()
         if storage in seen_storages and tensor.numel() > 0:

@@ -1,6 +1,7 @@
 """What every backbone provides, and the conv + norm layer the backbones share."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -15,7 +16,7 @@ IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, ABC):
     """A network that maps a normalised image batch to four feature maps.
 
     forward(x: [B, 3, H, W]) -> {"res2": [B, C2, H/4, W/4], "res3": [B, C3, H/8, W/8],
@@ -37,13 +38,13 @@ class Backbone(nn.Module):
         self.pixel_mean = tuple(pixel_mean)
         self.pixel_std = tuple(pixel_std)
 
+    @abstractmethod
     def freeze(self, freeze_at: int) -> None:
         """detectron2's FREEZE_AT: 0 = nothing, 1 = the stem, k >= 2 = the stem and res2..res{k}."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_pretrained(self, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
         """Copy pretrained weights (any of the naming schemes the backbone knows) into the backbone."""
-        raise NotImplementedError
 
     def no_weight_decay_keywords(self) -> tuple[str, ...]:
         """Substrings of parameter names that should get no weight decay (position tables, tokens)."""

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
-from timm.models.swin_transformer import checkpoint_filter_fn as timm_swin_checkpoint_filter
 from torch import nn
 
 from semiseg.models.backbones.base import Backbone, freeze_modules, pad_to_multiple, strip_prefix
 from semiseg.models.weights import load_weights_into
+
+if TYPE_CHECKING:  # timm is imported when a Swin is built: importing it takes seconds
+    from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
 STAGES = ("res2", "res3", "res4", "res5")
 # Mask2Former's Swin variants: T/S with 7x7 windows (224 pretraining), B/L with 12x12 windows (384).
@@ -126,6 +127,8 @@ class SwinBackbone(Backbone):
 
         ImageNet checkpoints lack the per-stage output norms `norm0..norm3`, which keep their init.
         """
+        from timm.models.swin_transformer import checkpoint_filter_fn as timm_swin_checkpoint_filter
+
         state_dict = timm_swin_checkpoint_filter(strip_prefix(state_dict, "backbone."), self)
         load_weights_into(self, state_dict, source, may_be_missing=[f"norm{i}." for i in range(4)])
 
@@ -135,6 +138,8 @@ class SwinBackbone(Backbone):
 
 def build_swin(name: str, drop_path_rate: float | None = None, download: bool = False) -> SwinBackbone:
     """A Swin backbone for one of `SWIN_MODELS`, randomly initialised unless `download`."""
+    import timm
+
     net = timm.create_model(
         SWIN_MODELS[name], pretrained=download, num_classes=0, always_partition=True, strict_img_size=False,
         drop_path_rate=SWIN_DROP_PATH_RATE if drop_path_rate is None else drop_path_rate,

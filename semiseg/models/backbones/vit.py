@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
-from timm.models.vision_transformer import VisionTransformer
-from timm.models.vision_transformer import checkpoint_filter_fn as timm_vit_checkpoint_filter
 from torch import nn
 
 from semiseg.models.backbones.base import Backbone, Conv2dNorm, freeze_modules, pad_to_multiple, strip_prefix
 from semiseg.models.weights import load_weights_into
+
+if TYPE_CHECKING:  # timm is imported when a ViT is built: importing it takes seconds
+    from timm.models.vision_transformer import VisionTransformer
 
 STAGES = ("res2", "res3", "res4", "res5")
 # timm model and default stochastic depth: ViTDet's 0.1 (B) / 0.4 (L); DINOv2 as released (0).
@@ -36,6 +36,13 @@ VIT_MODELS = {
     "dinov2_large": ("vit_large_patch14_dinov2", 0.0),
 }
 FEATURE_STRIDE = 16
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel. x: [B, C, H, W] -> [B, C, H, W]"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def _projection(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -96,6 +103,8 @@ class ViTBackbone(Backbone):
     def load_pretrained(self, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
         """Accepts this module's names (`net.*`, `pyramid.*`, possibly under `backbone.`) or a timm /
         original DINOv2 ViT checkpoint, which initialises `net` only (position embeddings resampled)."""
+        from timm.models.vision_transformer import checkpoint_filter_fn as timm_vit_checkpoint_filter
+
         state_dict = strip_prefix(state_dict, "backbone.")
         if any(name.startswith("net.") for name in state_dict):
             load_weights_into(self, state_dict, source)
@@ -112,6 +121,8 @@ def build_vit(name: str, pyramid_channels: int = 256, drop_path_rate: float | No
 
     img_size: the grid its position embeddings are stored for (timm's default when None).
     """
+    import timm
+
     timm_name, default_drop_path = VIT_MODELS[name]
     extra = {} if img_size is None else {"img_size": img_size}
     net = timm.create_model(
