@@ -184,6 +184,17 @@ def test_more_objects_than_dn_num_trains_without_denoising():
     sum(losses.values()).backward()
 
 
+def test_training_under_bfloat16_autocast_gives_finite_float32_losses():
+    model = tiny_model().train()
+    images, sizes, targets = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images, sizes, targets)
+        losses = model.loss(outputs, targets)
+    assert outputs["pred_boxes"].dtype == torch.float32  # box refinement runs in float32
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
 def test_training_needs_targets_for_denoising():
     model = tiny_model().train()
     images, sizes, _ = batch()

@@ -145,15 +145,18 @@ class DeformableTransformerDecoder(nn.Module):
     def forward(self, queries: torch.Tensor, anchors: torch.Tensor, memory: torch.Tensor,
                 spatial_shapes: Sequence[tuple[int, int]], attn_mask: torch.Tensor | None = None
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        reference = anchors.sigmoid()
-        outputs, references = [], [reference]
-        for layer, box_head in zip(self.layers, self.bbox_embed):
-            query_pos = self.ref_point_head(sine_embedding_of_positions(reference, self.d_model // 2))
-            queries = layer(queries, query_pos, reference, memory, spatial_shapes, attn_mask)
-            refined = (box_head(queries) + inverse_sigmoid(reference)).sigmoid()
-            reference = refined.detach()
-            references.append(refined)
-            outputs.append(self.norm(queries))
+        # float32 with autocast off, like the reference (deformable sampling and logit-space boxes)
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            queries, memory = queries.float(), memory.float()
+            reference = anchors.float().sigmoid()
+            outputs, references = [], [reference]
+            for layer, box_head in zip(self.layers, self.bbox_embed):
+                query_pos = self.ref_point_head(sine_embedding_of_positions(reference, self.d_model // 2))
+                queries = layer(queries, query_pos, reference, memory, spatial_shapes, attn_mask)
+                refined = (box_head(queries) + inverse_sigmoid(reference)).sigmoid()
+                reference = refined.detach()
+                references.append(refined)
+                outputs.append(self.norm(queries))
         return outputs, references
 
 
