@@ -21,7 +21,8 @@ def _check_pyramid(backbone, x: torch.Tensor, padded_hw: tuple[int, int]) -> dic
     assert backbone.strides == {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
     for name, feature in features.items():
         stride = backbone.strides[name]
-        assert feature.shape == (x.shape[0], backbone.out_channels[name], padded_hw[0] // stride, padded_hw[1] // stride)
+        expected = (x.shape[0], backbone.out_channels[name], padded_hw[0] // stride, padded_hw[1] // stride)
+        assert feature.shape == expected
         assert torch.isfinite(feature).all()
     return features
 
@@ -69,7 +70,8 @@ def test_resnet50_has_detectron2_names_and_shapes():
     backbone = build_backbone(BackboneConfig(name="resnet50")).eval()
     names = set(backbone.state_dict())
     for name in ("stem.conv1.weight", "stem.conv1.norm.running_var", "res2.0.shortcut.weight",
-                 "res2.0.shortcut.norm.bias", "res3.3.conv2.norm.weight", "res4.5.conv3.weight", "res5.2.conv3.norm.running_mean"):
+                 "res2.0.shortcut.norm.bias", "res3.3.conv2.norm.weight", "res4.5.conv3.weight",
+                 "res5.2.conv3.norm.running_mean"):
         assert name in names
     assert not any("num_batches_tracked" in n or n.startswith(("fc.", "layer")) for n in names)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())

@@ -37,7 +37,8 @@ def test_detectron2_style_pickle_loads(tmp_path, protocol):
     numpy_state["bn.num_batches_tracked"] = np.int64(7)  # a numpy scalar, not an array
     path = tmp_path / "model.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": numpy_state, "__author__": "torchvision", "matching_heuristics": True}, f, protocol=protocol)
+        pickle.dump({"model": numpy_state, "__author__": "torchvision", "matching_heuristics": True}, f,
+                    protocol=protocol)
     _assert_same(load_checkpoint_file(path), state)
 
 
@@ -150,7 +151,8 @@ def test_load_weights_into_checks_names_and_shapes():
         load_weights_into(model, {**state, "0.bias": torch.zeros(4)}, "file.pth")
     with pytest.raises(CheckpointError, match=r"file\.pth: lacks 1 weights of the model, e\.g\. 1\.running_var"):
         load_weights_into(model, {k: v for k, v in state.items() if k != "1.running_var"}, "file.pth")
-    load_weights_into(model, {k: v for k, v in state.items() if not k.startswith("1.")}, "file.pth", may_be_missing=["1."])
+    without_bn = {k: v for k, v in state.items() if not k.startswith("1.")}
+    load_weights_into(model, without_bn, "file.pth", may_be_missing=["1."])
 
 
 def _randomize_batchnorms(model: nn.Module, seed: int) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from semiseg.models.frozen_bn import freeze_batchnorm
 
 FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+STAGES = tuple(FEATURE_STRIDES)
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
@@ -49,6 +50,14 @@ class Backbone(nn.Module, ABC):
     def no_weight_decay_keywords(self) -> tuple[str, ...]:
         """Substrings of parameter names that should get no weight decay (position tables, tokens)."""
         return ()
+
+
+def timm_pixel_stats(net: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """RGB mean and std (0..255 scale) that a timm model's pretrained weights expect (ImageNet if unknown)."""
+    cfg = getattr(net, "pretrained_cfg", {})
+    mean = cfg.get("mean", (0.485, 0.456, 0.406))
+    std = cfg.get("std", (0.229, 0.224, 0.225))
+    return tuple(255.0 * m for m in mean), tuple(255.0 * s for s in std)
 
 
 def freeze_modules(modules: list[nn.Module]) -> None:

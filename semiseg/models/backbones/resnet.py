@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg.models.backbones.base import Backbone, Conv2dNorm, freeze_modules, strip_prefix
+from semiseg.models.backbones.base import STAGES, Backbone, Conv2dNorm, freeze_modules, strip_prefix
 from semiseg.models.frozen_bn import FrozenBatchNorm2d
 from semiseg.models.weights import load_weights_into
 
-STAGES = ("res2", "res3", "res4", "res5")
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "frozen_bn": FrozenBatchNorm2d,
     "bn": nn.BatchNorm2d,

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg.models.backbones.base import Backbone, freeze_modules, pad_to_multiple, strip_prefix
+from semiseg.models.backbones.base import (STAGES, Backbone, freeze_modules, pad_to_multiple, strip_prefix,
+                                           timm_pixel_stats)
 from semiseg.models.weights import load_weights_into
 
 if TYPE_CHECKING:  # timm is imported when a Swin is built: importing it takes seconds
     from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
-STAGES = ("res2", "res3", "res4", "res5")
 # Mask2Former's Swin variants: T/S with 7x7 windows (224 pretraining), B/L with 12x12 windows (384).
 SWIN_MODELS = {
     "swin_tiny": "swin_tiny_patch4_window7_224",
@@ -100,9 +100,7 @@ class SwinBackbone(Backbone):
 
     def __init__(self, net: SwinTransformer):
         channels = [info["num_chs"] for info in net.feature_info]
-        mean = tuple(255.0 * m for m in getattr(net, "pretrained_cfg", {}).get("mean", (0.485, 0.456, 0.406)))
-        std = tuple(255.0 * s for s in getattr(net, "pretrained_cfg", {}).get("std", (0.229, 0.224, 0.225)))
-        super().__init__(dict(zip(STAGES, channels)), mean, std)
+        super().__init__(dict(zip(STAGES, channels)), *timm_pixel_stats(net))
         self.patch_embed = net.patch_embed
         self.layers = net.layers
         for index, width in enumerate(channels):

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg.models.backbones.base import Backbone, Conv2dNorm, freeze_modules, pad_to_multiple, strip_prefix
+from semiseg.models.backbones.base import (STAGES, Backbone, Conv2dNorm, freeze_modules, pad_to_multiple, strip_prefix,
+                                           timm_pixel_stats)
 from semiseg.models.weights import load_weights_into
 
 if TYPE_CHECKING:  # timm is imported when a ViT is built: importing it takes seconds
     from timm.models.vision_transformer import VisionTransformer
 
-STAGES = ("res2", "res3", "res4", "res5")
 # timm model and default stochastic depth: ViTDet's 0.1 (B) / 0.4 (L); DINOv2 as released (0).
 VIT_MODELS = {
     "vit_small": ("vit_small_patch16_224", 0.1),
@@ -46,7 +46,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 def _projection(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [Conv2dNorm(in_channels, out_channels, 1, LayerNorm2d), Conv2dNorm(out_channels, out_channels, 3, LayerNorm2d)]
+    return [Conv2dNorm(in_channels, out_channels, 1, LayerNorm2d),
+            Conv2dNorm(out_channels, out_channels, 3, LayerNorm2d)]
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -74,9 +75,7 @@ class ViTBackbone(Backbone):
     """
 
     def __init__(self, net: VisionTransformer, pyramid_channels: int = 256):
-        mean = tuple(255.0 * m for m in getattr(net, "pretrained_cfg", {}).get("mean", (0.485, 0.456, 0.406)))
-        std = tuple(255.0 * s for s in getattr(net, "pretrained_cfg", {}).get("std", (0.229, 0.224, 0.225)))
-        super().__init__({name: pyramid_channels for name in STAGES}, mean, std)
+        super().__init__({name: pyramid_channels for name in STAGES}, *timm_pixel_stats(net))
         self.net = net
         self.pyramid = SimpleFeaturePyramid(net.embed_dim, pyramid_channels)
 
