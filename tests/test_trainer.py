@@ -1,7 +1,10 @@
 """The training loop on a tiny deterministic problem: learning, non-finite losses, run dir, best checkpoint."""
 import json
+import math
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from engine_doubles import parameters, toy_config, toy_trainer
 
@@ -16,10 +19,10 @@ def read_metrics(run):
 
 
 def test_loss_decreases_and_metrics_are_logged(tmp_path):
-    trainer = toy_trainer(toy_config(tmp_path / "run", "solver.max_iter=30", "train.log_period=5"))
+    trainer = toy_trainer(toy_config(tmp_path / "run", "solver.max_iter=16", "train.log_period=4"))
     trainer.train()
     records = read_metrics(tmp_path / "run")
-    assert [r["iteration"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert [r["iteration"] for r in records] == [4, 8, 12, 16]
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     first = records[0]
     assert first["loss"] == pytest.approx(first["loss_ce"] + first["loss_smooth"])
@@ -109,3 +112,55 @@ def test_metric_value_reads_dotted_keys():
     assert metric_value(metrics, "segm.AP") == 12.5
     assert metric_value(metrics, "segm.APs") is None
     assert metric_value(metrics, "bbox.AP") is None
+
+
+# ----------------------------------------------------------------- the real tiny Mask2Former, end to end
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "synthetic_mask2former_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from semiseg.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", num_train=12, num_val=4, seed=0,
+                                   image_size=64)
+
+
+def tiny_run(synth, run, *extra):
+    """Overrides that point the shipped tiny config at the test dataset and shrink it further."""
+    return [f"data.train_ann={synth['train_ann']}", f"data.train_images={synth['train_images']}",
+            f"data.val_ann={synth['val_ann']}", f"data.val_images={synth['val_images']}",
+            f"train.output_dir={run}", "train.device=cpu", "solver.max_iter=4", "train.eval_period=4",
+            "train.log_period=2", "data.batch_size=2", "data.num_workers=0", "data.augmentation.image_size=64",
+            "data.augmentation.test_short_edge=64", "data.augmentation.test_max_size=64",
+            "model.mask2former.train_num_points=256", *extra]
+
+
+def test_cli_train_then_eval_with_the_real_tiny_mask2former(synth, tmp_path, capsys):
+    from semiseg.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY_CONFIG), *tiny_run(synth, run)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["num_classes"] == 8 and saved["model"]["mask2former"]["num_classes"] == 8
+    records = read_metrics(run)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in train_records] == [2, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss_ce_0"] > 0 for r in train_records)
+    final_eval = [r for r in records if "eval" in r][-1]["eval"]["model"]
+    assert (run / "checkpoints" / "last" / "model.safetensors").is_file()
+    assert "semiseg" in (run / "log.txt").read_text()
+
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--weights", str(run / "checkpoints" / "last"), "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())["model"]
+    assert metrics["segm"]["AP"] == pytest.approx(final_eval["segm"]["AP"])  # same weights, same val set
+    assert metrics["bbox"]["AP50"] == pytest.approx(final_eval["bbox"]["AP50"])
+    assert "AP50" in capsys.readouterr().out
+
+    assert main(["train", "--config", str(TINY_CONFIG), *tiny_run(synth, run)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("semiseg: error:") and "--resume" in error and "\n" not in error
+    assert main(["train", "--config", str(TINY_CONFIG), *tiny_run(synth, tmp_path / "r2", "solver.lrr=1")]) == 2
+    assert "did you mean 'solver.lr'?" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
     weights: a checkpoint folder (`.../checkpoints/best`) or a `.safetensors` file.
     config:  a YAML config; default: the config embedded in the weights. `overrides` apply to it.
     ann/images: the COCO json and image folder; default: the config's `data.val_ann`/`val_images`.
-    Returns {model name: metrics}.
+    Returns {model name ("model", "student", "teacher"): metrics}.
     """
     weights = Path(weights)
     if who not in WHO:
@@ -101,15 +101,15 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
         _, info = read_weights(weights)
         if who != "student" and info.name != who:
             raise CheckpointError(f"{weights}: holds the {info.name} model, not the {who}; pass the checkpoint folder")
-        paths = {info.name: weights}
+        paths = [weights]
     else:
-        paths = {name: weights_file(weights, name) for name in WHO[who]}
+        paths = [weights_file(weights, name) for name in WHO[who]]
     base_cfg = load_config(config, overrides) if config is not None else None
     torch_device = select_device(device)
     joined = init_distributed(torch_device)
     try:
         results = {}
-        for name, path in paths.items():
+        for path in paths:
             model, cfg, info = load_named_model(path, base_cfg, torch_device)
             if base_cfg is None:
                 cfg = apply_overrides(cfg, overrides)
@@ -117,9 +117,9 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
             if ann_file is None or image_dir is None:
                 raise ConfigError(f"{path}: no evaluation set: pass --ann and --images (or set data.val_ann/val_images)")
             loader = build_eval_loader_for(cfg, Path(ann_file), Path(image_dir), info.class_names)
-            results[name] = evaluate_model(model, loader, CocoEvaluator.from_json(ann_file), torch_device)
+            results[info.name] = evaluate_model(model, loader, CocoEvaluator.from_json(ann_file), torch_device)
             if is_main_process():
-                print(f"{name} ({path}) on {ann_file}:\n{format_metrics(results[name])}")
+                print(f"{info.name} ({path}) on {ann_file}:\n{format_metrics(results[info.name])}")
         if out is not None and is_main_process():
             text = json.dumps(results, indent=2)
             atomic_write(Path(out), lambda tmp: tmp.write_text(text))
