@@ -42,6 +42,16 @@ def test_detectron2_style_pickle_loads(tmp_path, protocol):
     _assert_same(load_checkpoint_file(path), state)
 
 
+@pytest.mark.filterwarnings("error")  # numpy 2 warns when `numpy.core` is imported
+def test_pickle_written_by_numpy_1_loads(tmp_path):
+    state = _state()
+    data = pickle.dumps({"model": {k: v.numpy() for k, v in state.items()}}, protocol=2)
+    assert b"numpy._core.multiarray\n" in data
+    path = tmp_path / "R-50.pkl"
+    path.write_bytes(data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))  # numpy 1.x names
+    _assert_same(load_checkpoint_file(path), state)
+
+
 def test_bare_pickle_dict_loads(tmp_path):
     path = tmp_path / "bare.pkl"
     path.write_bytes(pickle.dumps({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}))
@@ -72,10 +82,11 @@ def test_pickled_non_array_values_are_refused(tmp_path):
         load_checkpoint_file(path)
 
 
-@pytest.mark.parametrize("wrapper", [None, "model", "state_dict"])
-def test_torch_file_round_trip_unwraps_model_and_state_dict(tmp_path, wrapper):
+@pytest.mark.parametrize("wrapper, name", [(None, "weights.pth"), ("model", "model_final.pth"),
+                                           ("state_dict", "weights.pt"), ("model", "saved_by_torch.pkl")])
+def test_torch_file_round_trip_unwraps_model_and_state_dict(tmp_path, wrapper, name):
     state = _state()
-    path = tmp_path / "weights.pth"
+    path = tmp_path / name
     torch.save(state if wrapper is None else {wrapper: state, "iteration": 3}, path)
     _assert_same(load_checkpoint_file(path), state)
 
