@@ -55,7 +55,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
             raise CheckpointError(f"{self._path}: refuses to unpickle {module}.{name} (only numpy arrays are allowed)")
         if module.startswith("numpy.core.") and np.lib.NumpyVersion(np.__version__) >= "2.0.0":
-            module = "numpy._core." + module[len("numpy.core."):]  # numpy 2 renamed the private package
+            module = "numpy._core." + module[len("numpy.core."):]  # numpy 2 renamed it; the alias will go
         return getattr(importlib.import_module(module), name)
 
 
