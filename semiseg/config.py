@@ -28,27 +28,37 @@ from semiseg.data.transforms import AugmentationConfig
 from semiseg.errors import ConfigError
 from semiseg.models.backbones import BackboneConfig
 from semiseg.models.mask2former import Mask2FormerConfig
+from semiseg.models.maskdino import MaskDINOConfig
 from semiseg.semi.config import SemiConfig
 
 
 @dataclass
 class ModelConfig:
-    """arch: meta-architecture; num_classes: 0 = the number of categories of `data.train_ann`.
+    """arch: meta-architecture ("mask2former" or "maskdino", configured by the section of that name);
+    num_classes: 0 = the number of categories of `data.train_ann`.
 
-    `num_classes` is the one place to set the class count: the meta-architecture section's own
-    `num_classes` is overwritten with it (once known).
+    `num_classes` is the one place to set the class count: the meta-architecture sections' own
+    `num_classes` are overwritten with it (once known).
     """
 
-    arch: Literal["mask2former"] = "mask2former"
+    arch: Literal["mask2former", "maskdino"] = "mask2former"
     num_classes: int = 0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
+    maskdino: MaskDINOConfig = field(default_factory=MaskDINOConfig)
 
     def __post_init__(self) -> None:
         if self.num_classes < 0:
             raise ConfigError(f"model.num_classes={self.num_classes}: expected >= 1 (or 0 = from data.train_ann)")
         if self.num_classes > 0 and self.mask2former.num_classes != self.num_classes:
             self.mask2former = dataclasses.replace(self.mask2former, num_classes=self.num_classes)
+        if self.num_classes > 0 and self.maskdino.num_classes != self.num_classes:
+            self.maskdino = dataclasses.replace(self.maskdino, num_classes=self.num_classes)
+
+    @property
+    def head(self) -> Mask2FormerConfig | MaskDINOConfig:
+        """The section of the selected `arch` (e.g. for its `size_divisibility`)."""
+        return self.maskdino if self.arch == "maskdino" else self.mask2former
 
 
 @dataclass
