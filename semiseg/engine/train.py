@@ -77,7 +77,12 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool) -> Trainer:
     model = build_model(cfg.model, cfg.model.num_classes).to(device)
     evaluate = build_evaluate_fn(cfg, device, records.class_names) if data.val_ann is not None else None
     info = WeightsInfo(None, records.class_names, records.category_ids, "model")
-    trainer = Trainer(cfg, model, {"labeled": build_labeled_stream(cfg, records)}, run, device, info, evaluate)
+    if cfg.semi.enabled:
+        from semiseg.semi.guided import build_guided_trainer
+
+        trainer = build_guided_trainer(cfg, model, records, run, device, info, evaluate, resume)
+    else:
+        trainer = Trainer(cfg, model, {"labeled": build_labeled_stream(cfg, records)}, run, device, info, evaluate)
     if resume:
         trainer.load_checkpoint(run.resume_checkpoint())
     return trainer

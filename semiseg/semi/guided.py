@@ -1,0 +1,198 @@
+"""Guided Distillation (Berrada et al., WACV 2024): stage 2, teacher -> student on labeled + unlabeled data.
+
+Every iteration (`GuidedDistillationTrainer.run_step`, inherited from the supervised `Trainer`):
+1. teacher update, before anything else (`semiseg.semi.ema.update_teacher`): frozen stage-1 teacher
+   while `iteration < burn_in_iter` (the "guided burn-in"), a copy of the student at
+   `burn_in_iter`, an EMA of the student (decay 0.9996) after it;
+2. one labeled batch (weak augmentation + ground truth) and one unlabeled batch (weak view
+   `images` and strong view `strong`, same geometry);
+3. the teacher, in eval mode, without gradients and in fp32 (outside autocast), sees the weak view;
+   the pseudo-label filter turns its outputs into `Instances` on the 1/4-resolution canvas;
+4. the student sees the labeled images (loss against ground truth) and the strong view (loss
+   against the pseudo-labels, same Hungarian-matched criterion at every decoder layer); the
+   unlabeled terms are multiplied by `unsup_loss_weight` (2.0) and logged with a `_unsup` suffix;
+   one backward of L = L_sup + 2.0 * L_unsup, clipping and an AdamW step on the student only.
+Checkpoints hold `student.safetensors` and `teacher.safetensors`; resume restores both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from semiseg.config import Config
+from semiseg.data.records import DatasetRecords
+from semiseg.engine.checkpoint import WeightsInfo, read_weights, weights_file
+from semiseg.engine.convert import GD_PREFIXES, select_model_weights
+from semiseg.engine.distributed import get_rank, get_world_size
+from semiseg.engine.run_dir import RunDir
+from semiseg.engine.stream import BatchStream
+from semiseg.engine.trainer import EvaluateFn, Trainer
+from semiseg.errors import ConfigError
+from semiseg.models.weights import load_checkpoint_file, load_weights_into
+from semiseg.semi.ema import copy_weights, freeze, update_teacher
+from semiseg.semi.pseudo_labels import PseudoLabelFilter
+from semiseg.structures import Batch, Instances
+
+logger = logging.getLogger("semiseg.train")
+
+UNSUP_SUFFIX = "_unsup"
+
+
+def read_teacher_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights a stage-2 teacher starts from, with semiseg/official parameter names.
+
+    path: a semiseg checkpoint folder (its `model.safetensors`, else `teacher.safetensors`), a
+    semiseg or converted `.safetensors` file, or an official Mask2Former / Guided Distillation
+    `.pth`/`.pkl` (of a Guided Distillation checkpoint, the `modelTeacher.*` weights are taken).
+    """
+    path = Path(path)
+    if path.is_dir():
+        name = "model" if (path / "model.safetensors").is_file() else "teacher"
+        return read_weights(weights_file(path, name))[0]
+    state = load_checkpoint_file(path)
+    is_gd = any(k.startswith(GD_PREFIXES["teacher"]) for k in state)
+    return select_model_weights(state, "teacher" if is_gd else "auto", source=path)[0]
+
+
+def init_teacher_and_student(cfg: Config, teacher: nn.Module, student: nn.Module) -> None:
+    """Load `semi.teacher_weights` into `teacher`; with `student_init: teacher` copy them into `student`.
+
+    `student_init: fresh` leaves the student as built (pretrained backbone if `model.backbone`
+    names weights, random head), as the reference does.
+    """
+    if cfg.semi.teacher_weights is None:
+        raise ConfigError("semi.enabled=true needs semi.teacher_weights (a stage-1 checkpoint or weights file)")
+    load_weights_into(teacher, read_teacher_weights(cfg.semi.teacher_weights), source=cfg.semi.teacher_weights)
+    if cfg.semi.student_init == "teacher":
+        copy_weights(student, teacher)
+    logger.info("teacher from %s; student init: %s", cfg.semi.teacher_weights, cfg.semi.student_init)
+
+
+def unsupervised_weight(pseudo_labels: list[Instances], base_weight: float, score_weighted: bool) -> float:
+    """Multiplier of the unlabeled loss terms.
+
+    `score_weighted`: `base_weight` x the mean confidence of the batch's pseudo-instances (1 when
+    there are none), an approximation of per-instance weighting that needs no criterion change.
+    """
+    if not score_weighted:
+        return base_weight
+    scores = [p.scores for p in pseudo_labels if p.scores is not None and len(p)]
+    return base_weight * (float(torch.cat(scores).mean()) if scores else 1.0)
+
+
+class GuidedDistillationTrainer(Trainer):
+    """The supervised `Trainer` plus a teacher, an unlabeled stream and a pseudo-label filter.
+
+    student, teacher: the same meta-architecture, on `device`; the teacher is frozen here
+    streams:          "labeled" (images + targets) and "unlabeled" (weak `images` + `strong`)
+    pseudo_labeler:   `(candidates, image_sizes) -> list[Instances]`; default: the `semi.pseudo_labels` filter
+    """
+
+    def __init__(self, cfg: Config, student: nn.Module, teacher: nn.Module, streams: dict[str, BatchStream],
+                 run: RunDir, device: torch.device, info: WeightsInfo, evaluate: EvaluateFn | None = None,
+                 pseudo_labeler: PseudoLabelFilter | None = None):
+        missing = {"labeled", "unlabeled"} - set(streams)
+        if missing:
+            raise ValueError(f"Guided Distillation needs the streams {sorted(missing)}")
+        super().__init__(cfg, student, streams, run, device, info, evaluate)
+        self.teacher = freeze(teacher)
+        self.pseudo_labeler = pseudo_labeler or cfg.semi.pseudo_labels.build_filter()
+        self.pseudo_label_count = 0  # pseudo-instances made since the last log line
+        self.pseudo_label_images = 0
+
+    @property
+    def student(self) -> nn.Module:
+        return self.model
+
+    # ----------------------------------------------------------------- the GD step
+    def before_step(self, iteration: int) -> None:
+        semi = self.cfg.semi
+        if update_teacher(self.teacher, self.model, iteration, semi.burn_in_iter, semi.ema_decay) == "copy":
+            logger.info("iteration %d: end of burn-in, teacher <- student; EMA (decay %g) from now on",
+                        iteration, semi.ema_decay)
+        if iteration % self.cfg.train.log_period == 0 and self.pseudo_label_images:
+            logger.info("iteration %d: %.2f pseudo-instances per unlabeled image", iteration,
+                        self.pseudo_label_count / self.pseudo_label_images)
+            self.pseudo_label_count = self.pseudo_label_images = 0
+
+    @torch.no_grad()
+    def make_pseudo_labels(self, batch: Batch) -> list[Instances]:
+        """The teacher's pseudo-labels for the weak view of `batch` (eval mode, fp32)."""
+        self.teacher.eval()
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            outputs = self.teacher(batch.images, batch.image_sizes)
+            pseudo_labels = self.pseudo_labeler(self.teacher.pseudo_label_candidates(outputs), batch.image_sizes)
+        if not self.cfg.semi.pseudo_labels.score_weighted_loss:
+            pseudo_labels = [p.with_scores(None) for p in pseudo_labels]
+        self.pseudo_label_count += sum(len(p) for p in pseudo_labels)
+        self.pseudo_label_images += len(pseudo_labels)
+        return pseudo_labels
+
+    def forward_losses(self) -> dict[str, torch.Tensor]:
+        """Supervised terms on the labeled batch + weighted `_unsup` terms on the strong unlabeled view."""
+        labeled = self.next_batch("labeled")
+        unlabeled = self.next_batch("unlabeled")
+        pseudo_labels = self.make_pseudo_labels(unlabeled)
+        losses = self.model.loss(self.ddp_model(labeled.images, labeled.image_sizes, labeled.targets),
+                                 labeled.targets)
+        outputs = self.ddp_model(unlabeled.strong, unlabeled.image_sizes, pseudo_labels)
+        weight = unsupervised_weight(pseudo_labels, self.cfg.semi.unsup_loss_weight,
+                                     self.cfg.semi.pseudo_labels.score_weighted_loss)
+        for name, value in self.model.loss(outputs, pseudo_labels).items():
+            losses[name + UNSUP_SUFFIX] = value * weight
+        return losses
+
+    # ----------------------------------------------------------------- models and state
+    def checkpoint_models(self) -> dict[str, nn.Module]:
+        return {"student": self.model, "teacher": self.teacher}
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """By `semi.eval_who`; with "both" the student comes first (it selects the best checkpoint)."""
+        who = self.cfg.semi.eval_who
+        return {name: model for name, model in self.checkpoint_models().items() if who in (name, "both")}
+
+
+
+def build_unlabeled_stream(cfg: Config) -> BatchStream:
+    """This rank's endless unlabeled batches: weak view `images` + strong view `strong`, uniform sampling."""
+    from semiseg.data.datasets import UnlabeledDataset
+    from semiseg.data.samplers import InfiniteSampler
+    from semiseg.data.unlabeled import load_unlabeled
+    from semiseg.engine.train import collective, per_rank_batch
+
+    data = cfg.data
+    if data.unlabeled is None:
+        raise ConfigError("semi.enabled=true needs data.unlabeled (an image folder or an image-list json)")
+    records = collective(lambda: load_unlabeled(data.unlabeled, data.unlabeled_images, strict=data.strict))
+    seed = cfg.train.seed + 1  # augmentation draws independent of the labeled stream's
+    dataset = UnlabeledDataset(records, data.augmentation.train_transform(), data.augmentation.strong_transform(),
+                               strict=data.strict, seed=seed)
+    rank, world = get_rank(), get_world_size()
+    sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world)
+    return BatchStream(dataset, sampler, per_rank_batch(data.unlabeled_batch_size, "data.unlabeled_batch_size"),
+                       data.num_workers, seed=seed, rank=rank, world_size=world,
+                       size_divisibility=cfg.model.mask2former.size_divisibility)
+
+
+def build_guided_trainer(cfg: Config, student: nn.Module, records: DatasetRecords, run: RunDir,
+                         device: torch.device, info: WeightsInfo, evaluate: EvaluateFn | None,
+                         resume: bool) -> GuidedDistillationTrainer:
+    """The stage-2 trainer `semiseg train` runs when `semi.enabled` (called by `engine.train.build_trainer`).
+
+    The labeled stream samples with `semi.labeled_sampler` (repeat factors, threshold
+    `data.repeat_threshold`, as the reference); the teacher is the student's architecture, loaded from
+    `semi.teacher_weights` unless the run resumes (then both come from the checkpoint).
+    """
+    from semiseg.engine.train import build_labeled_stream
+    from semiseg.models.build import build_model
+
+    labeled_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sampler=cfg.semi.labeled_sampler))
+    streams = {"labeled": build_labeled_stream(labeled_cfg, records), "unlabeled": build_unlabeled_stream(cfg)}
+    teacher = build_model(cfg.model, cfg.model.num_classes, load_backbone_weights=False).to(device)
+    if not resume:
+        init_teacher_and_student(cfg, teacher, student)
+    return GuidedDistillationTrainer(cfg, student, teacher, streams, run, device, info, evaluate)
