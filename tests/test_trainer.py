@@ -12,6 +12,7 @@ from semiseg.engine.checkpoint import STATE_FILE, read_weights
 from semiseg.engine.trainer import Trainer, metric_value
 from semiseg.errors import ConfigError, TrainingError
 from semiseg.evaluation import SUMMARY_KEYS
+from semiseg.structures import Instances
 
 
 def read_metrics(run):
@@ -164,3 +165,47 @@ def test_cli_train_then_eval_with_the_real_tiny_mask2former(synth, tmp_path, cap
     assert error.startswith("semiseg: error:") and "--resume" in error and "\n" not in error
     assert main(["train", "--config", str(TINY_CONFIG), *tiny_run(synth, tmp_path / "r2", "solver.lrr=1")]) == 2
     assert "did you mean 'solver.lr'?" in capsys.readouterr().err
+
+
+class GroundTruthOracle(torch.nn.Module):
+    """A "model" whose predictions are the ground truth of the image it is shown (score 1)."""
+
+    def __init__(self, records):
+        super().__init__()
+        from semiseg.data.images import read_image
+        from semiseg.data.masks import decode_segmentation
+
+        self.table = {}
+        for r in records.records:
+            image = read_image(r.file_name)
+            h, w = image.shape[:2]
+            kept = [a for a in r.annotations if not a.iscrowd]
+            masks = torch.zeros(len(kept), h, w, dtype=torch.bool)
+            for i, a in enumerate(kept):
+                masks[i] = torch.from_numpy(decode_segmentation(a.segmentation, h, w))
+            labels = torch.tensor([a.label for a in kept], dtype=torch.long)
+            self.table[image.tobytes()] = Instances.from_masks(labels, masks, torch.ones(len(kept)))
+
+    def forward(self, images, image_sizes, targets=None):
+        return {"images": images}
+
+    def predict(self, outputs, image_sizes, orig_sizes):
+        return [self.table[image[:, :h, :w].permute(1, 2, 0).numpy().tobytes()]
+                for image, (h, w) in zip(outputs["images"], image_sizes)]
+
+
+def test_evaluate_model_scores_100_for_ground_truth_predictions(synth):
+    from semiseg.config import Config, apply_overrides
+    from semiseg.data.coco import load_coco_instances
+    from semiseg.engine.evaluate import build_eval_loader_for, evaluate_model
+    from semiseg.evaluation import CocoEvaluator
+
+    cfg = apply_overrides(Config(), ["data.augmentation.test_short_edge=64", "data.augmentation.test_max_size=64",
+                                     "data.num_workers=0"])
+    records = load_coco_instances(synth["val_ann"], synth["val_images"])
+    loader = build_eval_loader_for(cfg, synth["val_ann"], synth["val_images"], records.class_names)
+    metrics = evaluate_model(GroundTruthOracle(records), loader, CocoEvaluator.from_json(synth["val_ann"]),
+                             torch.device("cpu"))
+    assert metrics["segm"]["AP"] == pytest.approx(100.0) and metrics["bbox"]["AP"] == pytest.approx(100.0)
+    with pytest.raises(ConfigError, match="differ from the model's classes"):
+        build_eval_loader_for(cfg, synth["val_ann"], synth["val_images"], ["a", "b"])
