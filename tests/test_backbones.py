@@ -194,7 +194,7 @@ def test_vit_small_simple_feature_pyramid():
     assert backbone.pixel_mean == (127.5, 127.5, 127.5)  # timm's augreg ViTs expect 0.5 mean / std
     features = _check_pyramid(backbone, torch.randn(1, 3, 64, 96), (64, 96))
     sum(f.mean() for f in features.values()).backward()
-    assert backbone.net.pos_embed.grad is not None and backbone.pyramid.simfp_2[0].weight.grad is not None
+    assert [n for n, p in backbone.named_parameters() if p.grad is None] == []  # DDP needs no unused parameters
 
 
 def test_dinov2_patch14_grid_is_the_stride16_grid_and_original_weights_load(tmp_path):
