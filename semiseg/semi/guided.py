@@ -27,7 +27,7 @@ from semiseg.config import Config
 from semiseg.data.records import DatasetRecords
 from semiseg.engine.checkpoint import WeightsInfo, read_weights, weights_file
 from semiseg.engine.convert import GD_PREFIXES, select_model_weights
-from semiseg.engine.distributed import get_rank, get_world_size
+from semiseg.engine.distributed import get_rank, get_world_size, is_distributed
 from semiseg.engine.run_dir import RunDir
 from semiseg.engine.stream import BatchStream
 from semiseg.engine.trainer import EvaluateFn, Trainer
@@ -111,7 +111,13 @@ class GuidedDistillationTrainer(Trainer):
     # ----------------------------------------------------------------- the GD step
     def before_step(self, iteration: int) -> None:
         semi = self.cfg.semi
-        if update_teacher(self.teacher, self.model, iteration, semi.burn_in_iter, semi.ema_decay) == "copy":
+        update = update_teacher(self.teacher, self.model, iteration, semi.burn_in_iter, semi.ema_decay)
+        if update is not None and is_distributed():
+            # DDP keeps parameters in sync, but each rank's BatchNorm statistics move with its own
+            # batches: take rank 0's, so that every rank's teacher equals the checkpointed one.
+            for buffer in self.teacher.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        if update == "copy":
             logger.info("iteration %d: end of burn-in, teacher <- student; EMA (decay %g) from now on",
                         iteration, semi.ema_decay)
         if iteration % self.cfg.train.log_period == 0 and self.pseudo_label_images:
