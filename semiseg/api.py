@@ -56,7 +56,7 @@ class Predictor:
         array = as_rgb_array(image)
         tensor = torch.tensor(array).permute(2, 0, 1).contiguous()
         resized = self.transform.image_only(tensor, np.random.default_rng(0))
-        batch = collate([Sample(resized, 0, tuple(array.shape[:2]))], self.cfg.model.mask2former.size_divisibility)
+        batch = collate([Sample(resized, 0, tuple(array.shape[:2]))], self.cfg.model.head.size_divisibility)
         outputs = self.model(batch.images.to(self.device), batch.image_sizes)
         return self.model.predict(outputs, batch.image_sizes, batch.orig_sizes)[0].to("cpu")
 

@@ -62,7 +62,7 @@ def build_eval_loader_for(cfg: Config, ann: Path, images: Path, class_names: lis
                           f"{list(class_names)[:5]}... (evaluate on a dataset with the training categories)")
     dataset = EvalDataset(records, cfg.data.augmentation.test_transform())
     return build_eval_loader(dataset, batch_size=1, num_workers=cfg.data.num_workers, rank=get_rank(),
-                             world_size=get_world_size(), size_divisibility=cfg.model.mask2former.size_divisibility)
+                             world_size=get_world_size(), size_divisibility=cfg.model.head.size_divisibility)
 
 
 def load_named_model(path: Path, cfg: Config | None, device: torch.device) -> tuple[nn.Module, Config, WeightsInfo]:

@@ -68,6 +68,8 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool) -> Trainer:
     records = collective(lambda: load_coco_instances(data.train_ann, data.train_images, strict=data.strict))
     cfg = with_num_classes(cfg, records)
     if is_main_process():
+        if data.unlabeled is not None and not cfg.semi.enabled:
+            logger.warning("data.unlabeled is set, but this run is supervised: the unlabeled images are not used")
         save_config(cfg, run.config)
         logger.info("%s: %d images, %d classes; %d process(es) on %s", data.train_ann, len(records),
                     records.num_classes, get_world_size(), device)
@@ -119,7 +121,7 @@ def build_labeled_stream(cfg: Config, records: DatasetRecords) -> BatchStream:
         sampler = InfiniteSampler(len(dataset), seed=cfg.train.seed, rank=rank, world_size=world)
     return BatchStream(dataset, sampler, per_rank_batch(data.batch_size, "data.batch_size"), data.num_workers,
                        seed=cfg.train.seed, rank=rank, world_size=world,
-                       size_divisibility=cfg.model.mask2former.size_divisibility)
+                       size_divisibility=cfg.model.head.size_divisibility)
 
 
 def build_evaluate_fn(cfg: Config, device: torch.device, class_names: list[str]) -> EvaluateFn:

@@ -202,7 +202,7 @@ class Trainer:
                 if losses is not None:
                     for k, v in losses.items():
                         window[k].append(v)
-                    bar.set_postfix_str(f"loss {sum(losses.values()):.3f}", refresh=False)
+                    bar.set_postfix_str(_postfix(losses), refresh=False)
                 bar.update(1)
                 last = self.iteration == solver.max_iter
                 if self.iteration % train_cfg.log_period == 0 or last:
@@ -298,6 +298,12 @@ def metric_value(metrics: dict[str, Any], key: str) -> float | None:
             return None
         value = value[part]
     return None if not isinstance(value, (int, float)) or math.isnan(value) else float(value)
+
+
+def _postfix(losses: dict[str, float]) -> str:
+    """Total loss and the final-layer terms (aux terms `*_0`, `*_1`, ... left out) for the progress bar."""
+    final = [f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items() if not k.rsplit("_", 1)[-1].isdigit()]
+    return " ".join([f"loss {sum(losses.values()):.3f}", *final[:4]])
 
 
 def _summary(metrics: dict[str, Any]) -> str:

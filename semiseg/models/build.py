@@ -1,4 +1,4 @@
-"""Build the meta-architecture a `ModelConfig` describes (backbone weights loaded from its config)."""
+"""Build the meta-architecture a `ModelConfig` describes (Mask2Former or Mask DINO, backbone weights from its config)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,7 @@ from torch import nn
 from semiseg.errors import ConfigError
 from semiseg.models.backbones import build_backbone
 from semiseg.models.mask2former import Mask2Former
+from semiseg.models.maskdino import MaskDINO
 
 
 def build_model(model_cfg, num_classes: int, load_backbone_weights: bool = True) -> nn.Module:
@@ -22,7 +23,8 @@ def build_model(model_cfg, num_classes: int, load_backbone_weights: bool = True)
     backbone_cfg = model_cfg.backbone
     if not load_backbone_weights:
         backbone_cfg = dataclasses.replace(backbone_cfg, weights=None, download=False)
-    if model_cfg.arch == "mask2former":
-        head_cfg = dataclasses.replace(model_cfg.mask2former, num_classes=num_classes)
-        return Mask2Former(head_cfg, build_backbone(backbone_cfg))
-    raise ConfigError(f"model.arch={model_cfg.arch!r}: expected mask2former")
+    architectures = {"mask2former": Mask2Former, "maskdino": MaskDINO}
+    if model_cfg.arch not in architectures:
+        raise ConfigError(f"model.arch={model_cfg.arch!r}: expected one of {', '.join(architectures)}")
+    head_cfg = dataclasses.replace(model_cfg.head, num_classes=num_classes)
+    return architectures[model_cfg.arch](head_cfg, build_backbone(backbone_cfg))
