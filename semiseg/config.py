@@ -26,6 +26,7 @@ import yaml
 
 from semiseg.data.transforms import AugmentationConfig
 from semiseg.errors import ConfigError
+from semiseg.evaluation import IOU_TYPES, SUMMARY_KEYS
 from semiseg.models.backbones import BackboneConfig
 from semiseg.models.mask2former import Mask2FormerConfig
 from semiseg.models.maskdino import MaskDINOConfig
@@ -93,6 +94,11 @@ class DataConfig:
     filter_empty: bool = True
     strict: bool = False
 
+    def __post_init__(self) -> None:
+        _check_positive(self, "data", ("batch_size", "unlabeled_batch_size", "repeat_threshold"))
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: expected >= 0")
+
 
 @dataclass
 class SolverConfig:
@@ -121,6 +127,11 @@ class SolverConfig:
     amp: Literal["none", "bf16", "fp16"] = "fp16"
     grad_accum: int = 1
 
+    def __post_init__(self) -> None:
+        _check_positive(self, "solver", ("lr", "max_iter", "grad_accum", "gamma"))
+        if self.warmup_iters < 0 or self.clip_grad_norm < 0:
+            raise ConfigError("solver.warmup_iters and solver.clip_grad_norm must be >= 0")
+
 
 @dataclass
 class TrainConfig:
@@ -145,6 +156,13 @@ class TrainConfig:
     find_unused_parameters: bool = False
     overwrite: bool = False
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "train", ("eval_period", "checkpoint_period", "log_period"))
+        iou_type, _, metric = self.best_metric.partition(".")
+        if iou_type not in IOU_TYPES or metric not in SUMMARY_KEYS:
+            raise ConfigError(f"train.best_metric={self.best_metric!r}: expected <{'|'.join(IOU_TYPES)}>."
+                              f"<{'|'.join(SUMMARY_KEYS)}>, e.g. segm.AP")
 
 
 @dataclass
@@ -250,6 +268,12 @@ class _Context:
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key}: {message}" if key else f"{self.source}: {message}")
+
+
+def _check_positive(section: Any, name: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(section, key) <= 0:
+            raise ConfigError(f"{name}.{key}={getattr(section, key)}: expected a positive value")
 
 
 def _check_key(cls: type, key: str, source: str) -> None:
