@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from semiseg.api import load, predict_to_dir
-from semiseg.config import apply_overrides, config_to_dict, Config
+from semiseg.config import Config, apply_overrides, config_to_dict
 from semiseg.engine.checkpoint import WeightsInfo, save_weights
 from semiseg.errors import CheckpointError, DataError
 from semiseg.models.build import build_model

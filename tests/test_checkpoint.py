@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, weights_only training state, self-describing weights, exact resume."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,8 +121,6 @@ def test_resume_continues_exactly(tmp_path, workers):
 
 def test_resume_continues_exactly_with_the_real_tiny_mask2former(tmp_path):
     """Mask2Former samples random points in its loss: resume must restore the RNG states too."""
-    from pathlib import Path
-
     from semiseg.config import load_config
     from semiseg.data.synthetic import write_synthetic_dataset
     from semiseg.engine.train import build_trainer
