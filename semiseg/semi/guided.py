@@ -181,7 +181,7 @@ def build_unlabeled_stream(cfg: Config) -> BatchStream:
     sampler = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world)
     return BatchStream(dataset, sampler, per_rank_batch(data.unlabeled_batch_size, "data.unlabeled_batch_size"),
                        data.num_workers, seed=seed, rank=rank, world_size=world,
-                       size_divisibility=cfg.model.mask2former.size_divisibility)
+                       size_divisibility=cfg.model.head.size_divisibility)
 
 
 def build_guided_trainer(cfg: Config, student: nn.Module, records: DatasetRecords, run: RunDir,
