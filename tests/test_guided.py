@@ -95,16 +95,18 @@ def test_semi_supervised_iterations_train_the_student_and_keep_the_teacher_durin
 
 def test_unlabeled_terms_are_weighted_and_suffixed(data, tmp_path):
     losses = {}
-    for weight in (1.0, 2.0):
+    for weight in (0.0, 1.0, 2.0):
         cfg = gd_config(data, tmp_path / f"w{weight}", f"semi.unsup_loss_weight={weight}")
         trainer = built(cfg)
         torch.manual_seed(0)
         losses[weight] = {k: float(v.detach()) for k, v in trainer.forward_losses().items()}
-    one, two = losses[1.0], losses[2.0]
+    zero, one, two = losses[0.0], losses[1.0], losses[2.0]
     unsup = [k for k in one if k.endswith("_unsup")]
     assert sorted(unsup) == sorted(k + "_unsup" for k in one if not k.endswith("_unsup"))
     for k in one:
         assert two[k] == pytest.approx(one[k] * (2.0 if k in unsup else 1.0), rel=1e-5)
+    # weight 0: the unlabeled branch is skipped (labeled data only), the supervised terms are unchanged
+    assert zero == {k: v for k, v in one.items() if k not in unsup}
 
 
 def test_student_init_from_teacher_and_burn_in_copy(data, tmp_path):

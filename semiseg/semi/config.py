@@ -6,7 +6,7 @@
       student_init: fresh            # fresh: backbone weights (model.backbone) + random head; teacher: a copy
       burn_in_iter: 50000            # teacher <- student copy at this iteration, EMA after it
       ema_decay: 0.9996
-      unsup_loss_weight: 2.0         # L = L_sup + 2.0 * L_unsup
+      unsup_loss_weight: 2.0         # L = L_sup + 2.0 * L_unsup (0: labeled data only, a control)
       labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
       eval_who: student              # student | teacher | both
       pseudo_labels: {score_threshold: 0.7, min_area: 5.0, mask_threshold: 0.5}

@@ -139,12 +139,18 @@ class GuidedDistillationTrainer(Trainer):
         return pseudo_labels
 
     def forward_losses(self) -> dict[str, torch.Tensor]:
-        """Supervised terms on the labeled batch + weighted `_unsup` terms on the strong unlabeled view."""
+        """Supervised terms on the labeled batch + weighted `_unsup` terms on the strong unlabeled view.
+
+        With `semi.unsup_loss_weight: 0` the unlabeled branch is skipped altogether: the student
+        then trains on labeled data only (a same-budget supervised control for benchmarks).
+        """
         labeled = self.next_batch("labeled")
-        unlabeled = self.next_batch("unlabeled")
-        pseudo_labels = self.make_pseudo_labels(unlabeled)
         losses = self.model.loss(self.ddp_model(labeled.images, labeled.image_sizes, labeled.targets),
                                  labeled.targets)
+        if self.cfg.semi.unsup_loss_weight == 0:
+            return losses
+        unlabeled = self.next_batch("unlabeled")
+        pseudo_labels = self.make_pseudo_labels(unlabeled)
         outputs = self.ddp_model(unlabeled.strong, unlabeled.image_sizes, pseudo_labels)
         weight = unsupervised_weight(pseudo_labels, self.cfg.semi.unsup_loss_weight,
                                      self.cfg.semi.pseudo_labels.score_weighted_loss)
