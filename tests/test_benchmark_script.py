@@ -1,0 +1,81 @@
+"""Smoke test of benchmarks/mask2former_vs_transformers.py (keeps the script from rotting; times nothing)."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mask2former_vs_transformers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("mask2former_vs_transformers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_tiny_row_report(bench, tmp_path):
+    out = tmp_path / "report.md"
+    report = bench.main(["--rows", "tiny", "--repeats", "1", "--warmup", "0", "--no-memory", "--out", str(out)])
+    assert out.read_text() == report
+    assert "torch " + torch.__version__ in report and "--rows tiny" in report
+    metrics, difference = {}, None
+    for line in report.splitlines():
+        if not (line.startswith("| tiny |") or line.startswith("|  |  |")):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6:  # row, configuration, metric, semiseg, transformers, ratio
+            metrics[cells[2]] = cells[3:]
+        else:  # the same-function table: row, class logits, mask logits, scale
+            difference = [float(c) for c in cells[1:3]]
+    assert set(metrics) == {"train step", "inference"} and difference is not None
+    for ours, theirs, ratio in metrics.values():
+        t_ours, t_theirs = (float(re.match(r"[\d.]+", v)[0]) * (1e-3 if v.endswith("ms") else 1) for v in (ours, theirs))
+        assert t_ours > 0 and t_theirs > 0
+        assert float(ratio) == pytest.approx(t_ours / t_theirs, rel=0.05, abs=0.01)
+    assert max(difference) < 1e-4  # both implementations computed the same function
+
+
+def test_weights_map_covers_every_parameter(bench):
+    row = bench.ROWS["tiny"]
+    torch.manual_seed(0)
+    theirs = bench.build_transformers(row)
+    state = bench.transformers_to_semiseg_state(theirs.state_dict())
+    ours = bench.build_semiseg(row)
+    assert set(state) == set(ours.state_dict())
+    ours.load_state_dict(state, strict=True)
+    # q, k and v of the decoder self-attention are packed in this order
+    packed = ours.sem_seg_head.predictor.transformer_self_attention_layers[1].self_attn.in_proj_weight
+    layer = theirs.model.transformer_module.decoder.layers[1].self_attn
+    torch.testing.assert_close(packed, torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]))
+
+
+def test_peak_step_memory_is_measured(bench):
+    peak = bench.peak_step_memory("semiseg", bench.ROWS["tiny"], "inference", torch.device("cpu"))
+    if peak is None:
+        pytest.skip("peak RSS cannot be reset on this platform")
+    assert 0 < peak < 2 ** 30
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "tiny,huge"], "unknown row"),
+    (["--rows", "r50-b2-amp"], "need --device cuda"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bad_flags_are_one_line_errors(bench, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
