@@ -56,6 +56,20 @@ def select_device(device: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def limit_cpu_threads(device: torch.device, num_workers: int) -> None:
+    """On the CPU, leave one core per data-loader worker and share the rest among local ranks.
+
+    Oversubscribed OpenMP threads spin against the workers: on 2 cores with 2 workers, a tiny
+    Mask2Former step took 5.6 s with 2 intra-op threads and 0.3 s with 1. `OMP_NUM_THREADS`
+    set by the user (or torchrun) wins.
+    """
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // local_ranks - num_workers))
+
+
 def init_distributed(device: torch.device, timeout_minutes: int = 30) -> bool:
     """Join the torchrun process group; True if this call created it (then `destroy_distributed` it).
 

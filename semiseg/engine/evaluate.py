@@ -19,7 +19,7 @@ from tqdm import tqdm
 from semiseg.config import Config, apply_overrides, config_from_dict, load_config
 from semiseg.engine.checkpoint import WeightsInfo, atomic_write, read_weights, weights_file
 from semiseg.engine.distributed import (broadcast_object, destroy_distributed, get_rank, get_world_size,
-                                        init_distributed, is_main_process, select_device)
+                                        init_distributed, is_main_process, select_device, limit_cpu_threads)
 from semiseg.errors import CheckpointError, ConfigError
 from semiseg.evaluation import CocoEvaluator, format_metrics
 
@@ -106,6 +106,7 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
         paths = [weights_file(weights, name) for name in WHO[who]]
     base_cfg = load_config(config, overrides) if config is not None else None
     torch_device = select_device(device)
+    limit_cpu_threads(torch_device, base_cfg.data.num_workers if base_cfg is not None else 0)
     joined = init_distributed(torch_device)
     try:
         results = {}

@@ -21,7 +21,8 @@ from semiseg.config import Config, load_config, save_config
 from semiseg.data.records import DatasetRecords
 from semiseg.engine.checkpoint import WeightsInfo
 from semiseg.engine.distributed import (barrier, broadcast_object, destroy_distributed, get_rank, get_world_size,
-                                        init_distributed, is_main_process, select_device)
+                                        init_distributed, is_main_process, limit_cpu_threads,
+                                        select_device)
 from semiseg.engine.evaluate import build_eval_loader_for, evaluate_model
 from semiseg.engine.run_dir import RunDir, prepare_run_dir
 from semiseg.engine.stream import BatchStream
@@ -42,6 +43,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     resume (or `train.resume`): continue from `<output_dir>/checkpoints/last`, exactly where it stopped.
     """
     device = select_device(cfg.train.device)
+    limit_cpu_threads(device, cfg.data.num_workers)
     joined = init_distributed(device)
     try:
         trainer = build_trainer(cfg, device, resume or cfg.train.resume)
