@@ -106,7 +106,6 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
         paths = [weights_file(weights, name) for name in WHO[who]]
     base_cfg = load_config(config, overrides) if config is not None else None
     torch_device = select_device(device)
-    limit_cpu_threads(torch_device, base_cfg.data.num_workers if base_cfg is not None else 0)
     joined = init_distributed(torch_device)
     try:
         results = {}
@@ -117,6 +116,7 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
             ann_file, image_dir = (ann, images) if ann is not None else (cfg.data.val_ann, cfg.data.val_images)
             if ann_file is None or image_dir is None:
                 raise ConfigError(f"{path}: no evaluation set: pass --ann and --images (or set data.val_ann/val_images)")
+            limit_cpu_threads(torch_device, cfg.data.num_workers)
             loader = build_eval_loader_for(cfg, Path(ann_file), Path(image_dir), info.class_names)
             results[info.name] = evaluate_model(model, loader, CocoEvaluator.from_json(ann_file), torch_device)
             if is_main_process():
