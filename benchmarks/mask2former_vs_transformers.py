@@ -436,7 +436,7 @@ def machine_description(device: torch.device, threads: int) -> str:
         parts.append(f"transformers {transformers.__version__}")
     except ImportError:
         pass
-    parts.append(f"{threads} torch threads")
+    parts.append(f"torch threads: {threads}")
     if device.type == "cuda":
         parts.append(torch.cuda.get_device_name(device))
     return "; ".join(parts)
