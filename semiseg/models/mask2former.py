@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from semiseg.errors import ConfigError
@@ -21,6 +20,7 @@ from semiseg.models.inference import instance_inference
 from semiseg.models.mask2former_decoder import MultiScaleMaskedTransformerDecoder
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.models.pixel_decoder import MSDeformAttnPixelDecoder
+from semiseg.models.preprocess import normalize_and_pad
 from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.structures import Instances
 
@@ -135,16 +135,7 @@ class Mask2Former(nn.Module):
 
     def normalize(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         """[B, 3, H, W] 0..255 -> normalised float, zero outside each image, padded to size_divisibility."""
-        x = (images.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
-        h, w = x.shape[-2:]
-        ys = torch.arange(h, device=x.device)
-        xs = torch.arange(w, device=x.device)
-        sizes = torch.as_tensor(image_sizes, device=x.device).view(-1, 2)
-        valid = (ys[None, :, None] < sizes[:, 0, None, None]) & (xs[None, None, :] < sizes[:, 1, None, None])
-        x = x * valid[:, None]
-        d = self.cfg.size_divisibility
-        pad_h, pad_w = (-h) % d, (-w) % d
-        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        return normalize_and_pad(images, image_sizes, self.pixel_mean, self.pixel_std, self.cfg.size_divisibility)
 
     def forward(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
                 targets: Sequence[Instances] | None = None) -> dict:

@@ -21,18 +21,22 @@ from functools import partial
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from semiseg.errors import ConfigError
 from semiseg.models.box_ops import box_cxcywh_to_xyxy, normalized_cxcywh
 from semiseg.models.deform_attn import BACKENDS
-from semiseg.models.denoising import DenoisingNoise, DenoisingQueries, build_denoising_queries
+from semiseg.models.denoising import (
+    DenoisingNoise,
+    DenoisingQueries,
+    build_denoising_queries,
+)
 from semiseg.models.inference import resize_mask_logits
 from semiseg.models.maskdino_criterion import MaskDINOCriterion
 from semiseg.models.maskdino_decoder import MaskDINODecoder
 from semiseg.models.matcher import HungarianMatcher, focal_class_cost
 from semiseg.models.pixel_decoder import MSDeformAttnPixelDecoder
+from semiseg.models.preprocess import normalize_and_pad
 from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.structures import Instances
 
@@ -198,16 +202,7 @@ class MaskDINO(nn.Module):
 
     def normalize(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         """[B, 3, H, W] 0..255 -> normalised float, zero outside each image, padded to size_divisibility."""
-        x = (images.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
-        h, w = x.shape[-2:]
-        sizes = torch.as_tensor(image_sizes, device=x.device).view(-1, 2)
-        ys = torch.arange(h, device=x.device)[None, :, None]
-        xs = torch.arange(w, device=x.device)[None, None, :]
-        valid = (ys < sizes[:, 0, None, None]) & (xs < sizes[:, 1, None, None])
-        x = x * valid[:, None]
-        d = self.cfg.size_divisibility
-        pad_h, pad_w = (-h) % d, (-w) % d
-        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        return normalize_and_pad(images, image_sizes, self.pixel_mean, self.pixel_std, self.cfg.size_divisibility)
 
     def denoising_queries(self, targets: Sequence[Instances], noise: DenoisingNoise | None = None
                           ) -> DenoisingQueries | None:
