@@ -367,7 +367,7 @@ def _convert(tp: Any, value: Any, current: Any, key: str, ctx: _Context) -> Any:
             try:
                 return _convert(member, raw, current if _matches(member, current) else None, key, ctx)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
         raise errors[0] if len(errors) == 1 else ctx.error(key, f"{value!r} does not fit {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         base = current if isinstance(current, tp) else None

@@ -20,7 +20,7 @@ from semiseg.models.inference import instance_inference
 from semiseg.models.mask2former_decoder import MultiScaleMaskedTransformerDecoder
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.models.pixel_decoder import MSDeformAttnPixelDecoder
-from semiseg.models.preprocess import normalize_and_pad
+from semiseg.models.preprocess import backbone_pixel_stats, normalize_and_pad
 from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.structures import Instances
 
@@ -57,8 +57,8 @@ class Mask2FormerConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     test_topk: int = 100
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    pixel_mean: tuple[float, float, float] | None = None  # None: what the backbone's weights expect
+    pixel_std: tuple[float, float, float] | None = None
     size_divisibility: int = 32
     deform_attn_backend: str = "pytorch"
 
@@ -74,7 +74,7 @@ class Mask2FormerConfig:
             problems.append(f"conv_dim must be a multiple of 32 (GroupNorm(32)), got {self.conv_dim}")
         if self.deform_attn_backend not in BACKENDS:
             problems.append(f"deform_attn_backend must be one of {BACKENDS}, got {self.deform_attn_backend!r}")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+        if any(v is not None and len(v) != 3 for v in (self.pixel_mean, self.pixel_std)):
             problems.append("pixel_mean and pixel_std need 3 values (RGB)")
         if not 0.0 <= self.importance_sample_ratio <= 1.0:
             problems.append(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
@@ -130,8 +130,9 @@ class Mask2Former(nn.Module):
             cfg.num_classes, matcher, class_weight=cfg.class_weight, mask_weight=cfg.mask_weight,
             dice_weight=cfg.dice_weight, no_object_weight=cfg.no_object_weight, num_points=cfg.train_num_points,
             oversample_ratio=cfg.oversample_ratio, importance_sample_ratio=cfg.importance_sample_ratio)
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
+        mean, std = backbone_pixel_stats(backbone, cfg.pixel_mean, cfg.pixel_std)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
 
     def normalize(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         """[B, 3, H, W] 0..255 -> normalised float, zero outside each image, padded to size_divisibility."""

@@ -36,7 +36,7 @@ from semiseg.models.maskdino_criterion import MaskDINOCriterion
 from semiseg.models.maskdino_decoder import MaskDINODecoder
 from semiseg.models.matcher import HungarianMatcher, focal_class_cost
 from semiseg.models.pixel_decoder import MSDeformAttnPixelDecoder
-from semiseg.models.preprocess import normalize_and_pad
+from semiseg.models.preprocess import backbone_pixel_stats, normalize_and_pad
 from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.structures import Instances
 
@@ -95,8 +95,8 @@ class MaskDINOConfig:
     object_mask_threshold: float = 0.25
     overlap_threshold: float = 0.8
     pano_temperature: float = 0.06
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    pixel_mean: tuple[float, float, float] | None = None  # None: what the backbone's weights expect
+    pixel_std: tuple[float, float, float] | None = None
     size_divisibility: int = 32
     deform_attn_backend: str = "pytorch"
 
@@ -126,7 +126,7 @@ class MaskDINOConfig:
             problems.append(f"dn_num must be >= 1 and dn_noise_scale >= 0, got {self.dn_num}, {self.dn_noise_scale}")
         if self.deform_attn_backend not in BACKENDS:
             problems.append(f"deform_attn_backend must be one of {BACKENDS}, got {self.deform_attn_backend!r}")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+        if any(v is not None and len(v) != 3 for v in (self.pixel_mean, self.pixel_std)):
             problems.append("pixel_mean and pixel_std need 3 values (RGB)")
         if not 0.0 <= self.importance_sample_ratio <= 1.0:
             problems.append(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
@@ -197,8 +197,9 @@ class MaskDINO(nn.Module):
             dice_weight=cfg.dice_weight, box_weight=cfg.box_weight, giou_weight=cfg.giou_weight,
             focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, dn=cfg.dn, num_points=cfg.train_num_points,
             oversample_ratio=cfg.oversample_ratio, importance_sample_ratio=cfg.importance_sample_ratio)
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
+        mean, std = backbone_pixel_stats(backbone, cfg.pixel_mean, cfg.pixel_std)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
 
     def normalize(self, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         """[B, 3, H, W] 0..255 -> normalised float, zero outside each image, padded to size_divisibility."""

@@ -5,6 +5,19 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+
+def backbone_pixel_stats(backbone: nn.Module, mean: tuple[float, float, float] | None,
+                         std: tuple[float, float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[3, 1, 1] mean and std on the 0..255 scale: the config's when given, else the backbone's
+    (`pixel_mean`/`pixel_std` of semiseg backbones: ImageNet, or 0.5 for timm's plain ViTs)."""
+    mean = mean if mean is not None else getattr(backbone, "pixel_mean", IMAGENET_MEAN_255)
+    std = std if std is not None else getattr(backbone, "pixel_std", IMAGENET_STD_255)
+    return torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
 
 def normalize_and_pad(images: torch.Tensor, image_sizes: Sequence[tuple[int, int]], pixel_mean: torch.Tensor,
