@@ -61,13 +61,13 @@ def limit_cpu_threads(device: torch.device, num_workers: int) -> None:
 
     Oversubscribed OpenMP threads spin against the workers: on 2 cores with 2 workers, a tiny
     Mask2Former step took 5.6 s with 2 intra-op threads and 0.3 s with 1. `OMP_NUM_THREADS`
-    set by the user (or torchrun) wins.
+    set by the user (or torchrun), or a lower thread count already set in this process, wins.
     """
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // local_ranks - num_workers))
+    torch.set_num_threads(min(torch.get_num_threads(), max(1, cores // local_ranks - num_workers)))
 
 
 def init_distributed(device: torch.device, timeout_minutes: int = 30) -> bool:
