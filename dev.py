@@ -2,7 +2,7 @@
 """Set up the project's virtual environment (idempotent) and run a command in it.
 
     python3 dev.py demo [ARGS...]   # set up, then `semiseg demo ARGS...`
-    python3 dev.py test [ARGS...]   # set up with test extras, then `pytest ARGS...`
+    python3 dev.py test [ARGS...]   # set up with test extras, then `pytest -n auto ARGS...`
     python3 dev.py setup            # set up only
 
 The environment lives in `.venv/` next to this file and is reused: packages are installed only
@@ -53,7 +53,7 @@ def main() -> int:
     if command == "demo":
         return subprocess.call([str(BIN / "semiseg"), "demo", *args])
     if command == "test":
-        return subprocess.call([str(BIN / "python"), "-m", "pytest", *args], cwd=ROOT)
+        return subprocess.call([str(BIN / "python"), "-m", "pytest", "-n", "auto", *args], cwd=ROOT)
     return 0
 
 
