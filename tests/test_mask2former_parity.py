@@ -209,3 +209,30 @@ def test_every_loss_term_matches_under_the_same_seed(models, batch):
     total = sum(mine.values())
     total.backward()
     assert torch.isfinite(total) and total > 0
+
+
+def test_gradients_match_under_the_same_seed(models, batch):
+    """Same loss value is not enough: every parameter's gradient must match HF's too."""
+    hf, ours = models
+    images, targets = batch
+    hf.zero_grad(set_to_none=True)
+    ours.zero_grad(set_to_none=True)
+    hf.train()
+    ours.train()
+    try:
+        theirs_out = hf((images.float() - MEAN) / STD)
+        torch.manual_seed(5)
+        sum(hf.get_loss_dict(theirs_out.masks_queries_logits, theirs_out.class_queries_logits,
+                             [t.masks.float() for t in targets], [t.labels for t in targets],
+                             theirs_out.auxiliary_logits).values()).backward()
+        mine_out = ours(images, [(128, 192), (128, 192)])
+        torch.manual_seed(5)
+        sum(ours.loss(mine_out, targets).values()).backward()
+    finally:
+        hf.eval()
+        ours.eval()
+    hf_grads = hf_to_official({k: torch.zeros_like(p) if p.grad is None else p.grad for k, p in hf.named_parameters()})
+    for name, p in ours.named_parameters():
+        expected = hf_grads[name]
+        torch.testing.assert_close(p.grad, expected, atol=1e-6 * max(1.0, expected.abs().max().item()), rtol=1e-4,
+                                   msg=lambda m, k=name: f"{k}: {m}")
