@@ -220,3 +220,16 @@ def test_pseudo_masks_from_the_weak_view_align_with_the_strong_view(data, tmp_pa
         unaugmented.append(iou(pseudo.masks[0], original))
     assert min(aligned) > 0.8, aligned
     assert sum(unaugmented) / len(unaugmented) < 0.6, unaugmented  # the views really moved the object
+
+
+def test_score_weighted_unlabeled_loss_uses_the_mean_pseudo_label_confidence():
+    from semiseg.semi.guided import unsupervised_weight
+    from semiseg.structures import Instances
+
+    masks = torch.ones(2, 4, 4, dtype=torch.bool)
+    batch = [Instances.from_masks(torch.tensor([0, 1]), masks, scores=torch.tensor([0.9, 0.7])),
+             Instances.from_masks(torch.tensor([2]), masks[:1], scores=torch.tensor([0.8])),
+             Instances.empty(4, 4).with_scores(torch.zeros(0))]
+    assert unsupervised_weight(batch, 2.0, score_weighted=False) == 2.0
+    assert unsupervised_weight(batch, 2.0, score_weighted=True) == pytest.approx(2.0 * 0.8)
+    assert unsupervised_weight([Instances.empty(4, 4)], 2.0, score_weighted=True) == 2.0
