@@ -24,14 +24,14 @@ class ShapeClass:
 
 # Non-contiguous category ids on purpose: they exercise the category id <-> class index mapping.
 SHAPE_CLASSES: tuple[ShapeClass, ...] = (
-    ShapeClass(1, "disk", 8),
-    ShapeClass(2, "rectangle", 8),
-    ShapeClass(3, "triangle", 9),
-    ShapeClass(5, "star", 12),
-    ShapeClass(8, "ring", 14),
-    ShapeClass(13, "cross", 11),
-    ShapeClass(21, "crescent", 13),
-    ShapeClass(34, "frame", 14),
+    ShapeClass(1, "disk", 16),
+    ShapeClass(2, "rectangle", 16),
+    ShapeClass(3, "triangle", 18),
+    ShapeClass(5, "star", 22),
+    ShapeClass(8, "ring", 24),
+    ShapeClass(13, "cross", 20),
+    ShapeClass(21, "crescent", 24),
+    ShapeClass(34, "frame", 24),
 )
 
 
