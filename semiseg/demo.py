@@ -1,0 +1,235 @@
+"""`semiseg demo`: the whole semi-supervised pipeline on the built-in dataset, in one command.
+
+1. write the synthetic dataset (`semiseg synth`) and draw a labeled split (`semiseg split`);
+2. stage 1: train the teacher on the labeled images only (`semiseg train`);
+3. stage 2: train the student with Guided Distillation, the other training images unlabeled;
+4. print teacher and student mask AP on the validation images, save overlays of a few of them
+   (ground truth | teacher | student) and write every number to `results.json`.
+
+The model is the tiny Mask2Former of `configs/synthetic_mask2former_tiny.yaml`, trained from
+scratch. docs/guided_distillation.md reports what the demo and its benchmark measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from semiseg.config import Config, apply_overrides
+from semiseg.engine.checkpoint import atomic_write
+from semiseg.errors import ConfigError
+from semiseg.structures import Instances
+
+MODEL = [
+    "model.backbone.name=tiny_resnet",
+    "model.mask2former.hidden_dim=64", "model.mask2former.num_queries=20", "model.mask2former.nheads=4",
+    "model.mask2former.dim_feedforward=128", "model.mask2former.dec_layers=4", "model.mask2former.enc_layers=2",
+    "model.mask2former.enc_dim_feedforward=128", "model.mask2former.conv_dim=64", "model.mask2former.mask_dim=64",
+    "model.mask2former.train_num_points=1024", "model.mask2former.test_topk=50",
+]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and schedules of one demo run.
+
+    num_train / num_val: synthetic images (all training images but the labeled ones are unlabeled)
+    percent:             labeled share of the training images
+    teacher_iters:       stage-1 iterations; student_iters: stage-2 iterations
+    burn_in_iter / ema_decay / student_init: the `semi:` settings of stage 2
+    """
+
+    num_train: int
+    num_val: int
+    image_size: int
+    percent: float
+    batch_size: int
+    teacher_iters: int
+    teacher_lr: float
+    student_iters: int
+    student_lr: float
+    student_init: str
+    burn_in_iter: int
+    ema_decay: float
+    num_workers: int
+    num_overlays: int
+
+
+DEFAULT = DemoSettings(num_train=1000, num_val=500, image_size=128, percent=10, batch_size=8,
+                       teacher_iters=1000, teacher_lr=3e-4, student_iters=600, student_lr=1e-4,
+                       student_init="teacher", burn_in_iter=300, ema_decay=0.99, num_workers=1, num_overlays=4)
+QUICK = DemoSettings(num_train=40, num_val=10, image_size=64, percent=10, batch_size=2,
+                     teacher_iters=20, teacher_lr=3e-4, student_iters=10, student_lr=1e-4,
+                     student_init="teacher", burn_in_iter=5, ema_decay=0.9, num_workers=0, num_overlays=2)
+
+
+def run_demo(out_dir: Path, model: str = "mask2former", quick: bool = False, device: str | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Run the demo into `out_dir` (which must not exist or be empty); returns what `results.json` holds.
+
+    quick: a minutes-long smoke run on a few dozen tiny images (CI). device: "cpu", "cuda", "cuda:N"
+    or None (a GPU when there is one).
+    """
+    return run_pipeline(Path(out_dir), QUICK if quick else DEFAULT, model=model, device=device, seed=seed)
+
+
+def run_pipeline(out_dir: Path, settings: DemoSettings, model: str = "mask2former", device: str | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """The demo with explicit `settings` (`run_demo` picks DEFAULT or QUICK)."""
+    from semiseg.data.splits import write_splits
+    from semiseg.data.synthetic import write_synthetic_dataset
+    from semiseg.engine.train import train
+
+    if model != "mask2former":
+        raise ConfigError(f"semiseg demo --model {model}: not available yet (the demo runs --model mask2former)")
+    _claim(out_dir)
+    start = time.perf_counter()
+    _stage(1, f"the built-in dataset: {settings.num_train} training + {settings.num_val} validation images, "
+              f"{settings.percent:g} % of the training images labeled")
+    data = write_synthetic_dataset(out_dir / "data", num_train=settings.num_train, num_val=settings.num_val,
+                                   seed=seed, image_size=settings.image_size)
+    (labeled,) = write_splits(data["train_ann"], [settings.percent], seed=seed, out_dir=out_dir / "splits",
+                              write_unlabeled=True)
+    unlabeled = labeled.with_name(labeled.stem + "_unlabeled.json")
+    common = base_overrides(settings, data, labeled, device, seed)
+
+    _stage(2, f"teacher: supervised on the labeled images, {settings.teacher_iters} iterations")
+    teacher_run = train(apply_overrides(Config(), common + teacher_overrides(settings, out_dir / "teacher")))
+    teacher_weights = teacher_run / "checkpoints" / "last"
+
+    _stage(3, f"student: Guided Distillation with {_count_images(unlabeled)} unlabeled images, "
+              f"{settings.student_iters} iterations")
+    student_run = train(apply_overrides(Config(), common + student_overrides(
+        settings, out_dir / "student", teacher_weights, unlabeled, data["train_images"])))
+
+    _stage(4, "results")
+    teacher = _final_evaluation(teacher_run)["model"]
+    final = _final_evaluation(student_run)
+    overlays = save_overlays(out_dir / "overlays", data, teacher_weights, student_run / "checkpoints" / "last",
+                             settings.num_overlays, device)
+    results = {
+        "model": model, "seed": seed, "settings": dataclasses.asdict(settings),
+        "labeled_images": _count_images(labeled), "unlabeled_images": _count_images(unlabeled),
+        "teacher": _summary(teacher), "student": _summary(final["student"]),
+        "ema_teacher": _summary(final["teacher"]),
+        "gain": final["student"]["segm"]["AP"] - teacher["segm"]["AP"],
+        "overlays": [str(p.relative_to(out_dir)) for p in overlays],
+        "device": str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "elapsed_seconds": round(time.perf_counter() - start, 1),
+    }
+    text = json.dumps(results, indent=2)
+    atomic_write(out_dir / "results.json", lambda tmp: tmp.write_text(text))
+    print(format_table(results))
+    print(f"\nresults: {out_dir / 'results.json'}; overlays: {out_dir / 'overlays'}")
+    return results
+
+
+def _claim(out_dir: Path) -> None:
+    """Refuse an existing non-empty output folder: a demo never overwrites earlier results."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"{out_dir}: already exists and is not empty; the demo never overwrites a previous run "
+                          f"(choose another --out or delete that folder)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _stage(number: int, text: str) -> None:
+    print(f"\n[{number}/4] {text}", flush=True)
+
+
+def base_overrides(settings: DemoSettings, data: dict[str, Path], labeled: Path, device: str | None,
+                   seed: int) -> list[str]:
+    """Config overrides shared by both stages: model, data (labeled json `labeled`), solver, device."""
+    size = settings.image_size
+    return MODEL + [
+        f"data.train_ann={labeled}", f"data.train_images={data['train_images']}",
+        f"data.val_ann={data['val_ann']}", f"data.val_images={data['val_images']}",
+        "data.augmentation.kind=lsj", f"data.augmentation.image_size={size}", "data.augmentation.min_scale=0.5",
+        "data.augmentation.max_scale=1.5", f"data.augmentation.test_short_edge={size}",
+        f"data.augmentation.test_max_size={size}", f"data.batch_size={settings.batch_size}",
+        f"data.num_workers={settings.num_workers}", "solver.backbone_lr_mult=1.0",
+        "solver.amp=none", f"train.device={device or 'auto'}", f"train.seed={seed}",
+        f"train.checkpoint_period={10 ** 9}", "train.log_period=20",
+    ]
+
+
+def teacher_overrides(settings: DemoSettings, output_dir: Path) -> list[str]:
+    """Stage 1: supervised from scratch (short warmup), evaluated once at the end."""
+    return _schedule(settings.teacher_iters, settings.teacher_lr) + [
+        f"train.output_dir={output_dir}", f"solver.warmup_iters={min(50, settings.teacher_iters // 10)}",
+        "solver.warmup_factor=0.01"]
+
+
+def student_overrides(settings: DemoSettings, output_dir: Path, teacher_weights: Path, unlabeled: Path,
+                      unlabeled_images: Path) -> list[str]:
+    """Stage 2: Guided Distillation from `teacher_weights`; student and EMA teacher evaluated at the end."""
+    return _schedule(settings.student_iters, settings.student_lr) + [
+        f"train.output_dir={output_dir}", "solver.warmup_iters=0", f"data.unlabeled={unlabeled}", f"data.unlabeled_images={unlabeled_images}",
+        f"data.unlabeled_batch_size={settings.batch_size}", "semi.enabled=true",
+        f"semi.teacher_weights={teacher_weights}", f"semi.student_init={settings.student_init}",
+        f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both"]
+
+
+def _schedule(iterations: int, lr: float) -> list[str]:
+    """`iterations` at `lr`, x0.1 for the last 20 %, one evaluation at the end."""
+    return [f"solver.max_iter={iterations}", f"solver.lr={lr}", f"solver.steps=[{int(iterations * 0.8)}]",
+            f"train.eval_period={iterations}"]
+
+
+def _count_images(ann: Path) -> int:
+    return len(json.loads(Path(ann).read_text())["images"])
+
+
+def _final_evaluation(run: Path) -> dict[str, dict]:
+    """The last evaluation a training run logged: {model name: metrics}."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval"] for r in records if "eval" in r][-1]
+
+
+def _summary(metrics: dict) -> dict[str, float]:
+    return {f"mask_{k}": metrics["segm"][k] for k in ("AP", "AP50", "AP75")}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The demo's summary: teacher, student and gain in mask AP (COCO, %)."""
+    rows = [(f"teacher ({results['labeled_images']} labeled images)", results["teacher"]),
+            (f"student (Guided Distillation, +{results['unlabeled_images']} unlabeled)", results["student"]),
+            ("EMA teacher at the end of stage 2", results["ema_teacher"])]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':{width}}  mask AP   AP50   AP75"]
+    lines += [f"{name:{width}}  {m['mask_AP']:7.2f} {m['mask_AP50']:6.2f} {m['mask_AP75']:6.2f}" for name, m in rows]
+    lines.append(f"{'gain (student - teacher)':{width}}  {results['gain']:+7.2f}")
+    return "\n".join(lines)
+
+
+def save_overlays(folder: Path, data: dict[str, Path], teacher: Path, student: Path, count: int,
+                  device: str | None) -> list[Path]:
+    """Side-by-side PNGs (ground truth | teacher | student) of the first `count` validation images."""
+    from semiseg.api import load
+    from semiseg.data.coco import load_coco_instances
+    from semiseg.data.images import read_image
+    from semiseg.data.masks import decode_segmentation
+    from semiseg.visualize import save_side_by_side
+
+    records = load_coco_instances(data["val_ann"], data["val_images"])
+    models = {"teacher": load(teacher, device=device), "student": load(student, device=device)}
+    paths = []
+    for record in records.records[:count]:
+        image = read_image(record.file_name)
+        h, w = image.shape[:2]
+        annotations = [a for a in record.annotations if not a.iscrowd]
+        masks = np.stack([decode_segmentation(a.segmentation, h, w) for a in annotations]) if annotations \
+            else np.zeros((0, h, w), dtype=bool)
+        truth = Instances.from_masks(torch.tensor([a.label for a in annotations], dtype=torch.long),
+                                     torch.from_numpy(masks))
+        panels = {"ground truth": truth, **{name: m.predict(image) for name, m in models.items()}}
+        paths.append(save_side_by_side(folder / f"{record.file_name.stem}.png", image, panels,
+                                       records.class_names))
+    return paths

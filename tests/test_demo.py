@@ -1,0 +1,45 @@
+"""`semiseg demo --quick`: the whole pipeline end to end, its outputs, and its refusals."""
+import json
+
+import pytest
+
+from semiseg.cli import main
+from semiseg.demo import QUICK, format_table, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_demo(out, quick=True, device="cpu", seed=3)
+
+
+def test_quick_demo_runs_the_pipeline_and_writes_results(demo):
+    out, results = demo
+    assert json.loads((out / "results.json").read_text()) == results
+    assert results["labeled_images"] == QUICK.num_train * QUICK.percent // 100
+    assert results["labeled_images"] + results["unlabeled_images"] == QUICK.num_train
+    for model in ("teacher", "student", "ema_teacher"):
+        assert 0.0 <= results[model]["mask_AP"] <= 100.0
+    assert results["gain"] == pytest.approx(results["student"]["mask_AP"] - results["teacher"]["mask_AP"])
+    assert len(results["overlays"]) == QUICK.num_overlays and all((out / p).is_file() for p in results["overlays"])
+    assert (out / "teacher" / "checkpoints" / "last" / "model.safetensors").is_file()
+    assert {p.name for p in (out / "student" / "checkpoints" / "last").glob("*.safetensors")} == \
+        {"student.safetensors", "teacher.safetensors"}
+    student_log = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_ce_unsup" in r for r in student_log)
+    table = format_table(results)
+    assert "teacher (4 labeled images)" in table and f"{results['gain']:+7.2f}" in table
+
+
+def test_existing_output_folder_is_never_overwritten(demo, capsys):
+    out, _ = demo
+    before = (out / "results.json").read_text()
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+
+
+def test_maskdino_demo_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--quick", "--model", "maskdino", "--out", str(tmp_path / "md")]) == 2
+    assert "not available yet" in capsys.readouterr().err
+    assert not (tmp_path / "md").exists()
