@@ -63,7 +63,7 @@ def limit_cpu_threads(device: torch.device, num_workers: int) -> None:
     Mask2Former step took 5.6 s with 2 intra-op threads and 0.3 s with 1. `OMP_NUM_THREADS`
     set by the user (or torchrun), or a lower thread count already set in this process, wins.
     """
-    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
