@@ -63,10 +63,10 @@ class DemoSettings:
 
 
 DEFAULT = DemoSettings(num_train=1000, num_val=500, image_size=128, percent=10, batch_size=8,
-                       teacher_iters=1000, teacher_lr=3e-4, student_iters=600, student_lr=1e-4,
+                       teacher_iters=1000, teacher_lr=1e-3, student_iters=600, student_lr=3e-4,
                        student_init="teacher", burn_in_iter=300, ema_decay=0.99, num_workers=1, num_overlays=4)
 QUICK = DemoSettings(num_train=40, num_val=10, image_size=64, percent=10, batch_size=2,
-                     teacher_iters=20, teacher_lr=3e-4, student_iters=10, student_lr=1e-4,
+                     teacher_iters=20, teacher_lr=1e-3, student_iters=10, student_lr=3e-4,
                      student_init="teacher", burn_in_iter=5, ema_decay=0.9, num_workers=0, num_overlays=2)
 
 
@@ -151,8 +151,8 @@ def base_overrides(settings: DemoSettings, data: dict[str, Path], labeled: Path,
     return MODEL + [
         f"data.train_ann={labeled}", f"data.train_images={data['train_images']}",
         f"data.val_ann={data['val_ann']}", f"data.val_images={data['val_images']}",
-        "data.augmentation.kind=lsj", f"data.augmentation.image_size={size}", "data.augmentation.min_scale=0.5",
-        "data.augmentation.max_scale=1.5", f"data.augmentation.test_short_edge={size}",
+        "data.augmentation.kind=lsj", f"data.augmentation.image_size={size}", "data.augmentation.min_scale=0.8",
+        "data.augmentation.max_scale=1.25", f"data.augmentation.test_short_edge={size}",
         f"data.augmentation.test_max_size={size}", f"data.batch_size={settings.batch_size}",
         f"data.num_workers={settings.num_workers}", "solver.backbone_lr_mult=1.0",
         "solver.amp=none", f"train.device={device or 'auto'}", f"train.seed={seed}",
