@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -59,8 +60,6 @@ def one_setting(out: Path, settings: DemoSettings, seed: int, device: str | None
         demo = json.loads((folder / "results.json").read_text())
     else:
         if folder.exists():  # an interrupted demo: start that setting again
-            import shutil
-
             shutil.rmtree(folder)
         demo = run_pipeline(folder, settings, device=device, seed=seed)
     data = {"train_images": folder / "data" / "train", "val_ann": folder / "data" / "annotations" / "instances_val.json",
