@@ -83,3 +83,72 @@ def test_bad_settings_are_user_errors():
     candidates = _candidates([(0, 0.9, (slice(0, 4), slice(0, 4)))])
     with pytest.raises(ConfigError, match="class_thresholds has 2 values but the model has 3 classes"):
         ThresholdFilter(class_thresholds=(0.5, 0.5))(candidates, [(32, 32)])
+
+
+def _with_boxes(candidates: PseudoLabelCandidates, boxes: list[list[float]]) -> PseudoLabelCandidates:
+    """The same candidates with box-head boxes [Q, 4] (xyxy pixels of the mask canvas)."""
+    return PseudoLabelCandidates(candidates.class_probs, candidates.is_object, candidates.mask_logits,
+                                 boxes=torch.tensor([boxes]))
+
+
+def test_box_source_head_takes_the_box_head_boxes_clipped_to_the_image():
+    candidates = _with_boxes(_candidates([(0, 0.9, (slice(1, 4), slice(2, 6))), (1, 0.9, (slice(0, 3), slice(0, 3)))]),
+                             [[1.5, 0.5, 6.5, 4.5], [-2.0, -1.0, 7.0, 9.0]])
+    (from_mask,) = ThresholdFilter()(candidates, [(32, 24)])
+    assert from_mask.boxes.tolist() == [[2.0, 1.0, 6.0, 4.0], [0.0, 0.0, 3.0, 3.0]]
+    (from_head,) = ThresholdFilter(box_source="head")(candidates, [(32, 24)])  # valid area 8 x 6 at stride 4
+    assert from_head.boxes.tolist() == [[1.5, 0.5, 6.0, 4.5], [0.0, 0.0, 6.0, 8.0]]
+    assert torch.equal(from_head.masks, from_mask.masks) and from_head.labels.tolist() == [0, 1]
+
+
+def test_box_source_head_without_a_box_head_is_a_config_error():
+    candidates = _candidates([(0, 0.9, (slice(0, 4), slice(0, 4)))])
+    with pytest.raises(ConfigError, match="box_source=head needs a model with a box head"):
+        ThresholdFilter(box_source="head")(candidates, [(32, 32)])
+
+
+def test_mask_nms_keeps_one_of_two_near_identical_masks_and_both_disjoint_ones():
+    candidates = _candidates([
+        (0, 0.8, (slice(0, 4), slice(0, 4))),   # duplicate of the next one (IoU 12 / 16), less confident
+        (1, 0.9, (slice(0, 4), slice(0, 3))),   # kept: the most confident
+        (2, 0.85, (slice(5, 8), slice(5, 8))),  # kept: disjoint from both
+    ])
+    (pl,) = ThresholdFilter(nms_iou=0.5)(candidates, [(32, 32)])
+    assert pl.labels.tolist() == [1, 2]  # query order preserved
+    torch.testing.assert_close(pl.scores, torch.tensor([0.9, 0.85]))
+    assert pl.boxes.tolist() == [[0.0, 0.0, 3.0, 4.0], [5.0, 5.0, 8.0, 8.0]]
+    assert ThresholdFilter()(candidates, [(32, 32)])[0].labels.tolist() == [0, 1, 2]  # nms_iou 1.0: off
+    assert ThresholdFilter(nms_iou=0.8)(candidates, [(32, 32)])[0].labels.tolist() == [0, 1, 2]  # 0.75 <= 0.8
+
+
+def test_mask_nms_is_greedy_a_suppressed_mask_suppresses_nothing():
+    from semiseg.semi.pseudo_labels import mask_nms
+
+    masks = torch.zeros(4, 1, 10, dtype=torch.bool)
+    masks[0, 0, 0:4] = True  # a: best score
+    masks[1, 0, 1:5] = True  # b: IoU(a, b) = 3/5, suppressed by a
+    masks[2, 0, 2:6] = True  # c: IoU(a, c) = 2/6, IoU(b, c) = 3/5 -> kept, since b is gone
+    masks[3, 0, 8:10] = True  # d: disjoint
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    assert mask_nms(masks, scores, 0.5).tolist() == [True, False, True, True]
+    shuffled = torch.tensor([2, 0, 3, 1])
+    assert mask_nms(masks[shuffled], scores[shuffled], 0.5).tolist() == [True, True, True, False]
+    assert mask_nms(masks[:0], scores[:0], 0.5).shape == (0,)
+
+
+def test_pseudo_label_boxes_normalise_like_the_equivalent_ground_truth():
+    """A ground-truth rectangle on the 64 x 64 padded canvas and the teacher's quarter-resolution
+    pseudo-label of it (mask-derived, or the same box from the box head) give the student's box loss
+    and denoising the same normalised cxcywh box."""
+    from semiseg.models.box_ops import normalized_cxcywh
+    from semiseg.structures import Instances
+
+    gt_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    gt_mask[0, 8:28, 4:32] = True  # x 4..32, y 8..28 (edges on the 4-pixel grid)
+    gt = Instances.from_masks(torch.tensor([1]), gt_mask)
+    candidates = _with_boxes(_candidates([(1, 0.9, (slice(2, 7), slice(1, 8)))], size=16), [[1.0, 2.0, 8.0, 7.0]])
+    expected = normalized_cxcywh(gt.boxes, gt.image_size)
+    torch.testing.assert_close(expected, torch.tensor([[18 / 64, 18 / 64, 28 / 64, 20 / 64]]))
+    for box_source in ("mask", "head"):
+        (pl,) = ThresholdFilter(box_source=box_source)(candidates, [(64, 64)])
+        torch.testing.assert_close(normalized_cxcywh(pl.boxes, pl.image_size), expected)

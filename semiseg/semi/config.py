@@ -9,7 +9,7 @@
       unsup_loss_weight: 2.0         # L = L_sup + 2.0 * L_unsup (0: labeled data only, a control)
       labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
       eval_who: student              # student | teacher | both
-      pseudo_labels: {score_threshold: 0.7, min_area: 5.0, mask_threshold: 0.5}
+      pseudo_labels: {score_threshold: 0.7, min_area: 5.0, mask_threshold: 0.5, box_source: mask, nms_iou: 1.0}
 
 Unlabeled images come from `data.unlabeled` (+ `data.unlabeled_images`), `data.unlabeled_batch_size`
 of them per iteration.
@@ -34,6 +34,10 @@ class PseudoLabelConfig:
     mask_threshold:      binarise the pseudo-mask at sigmoid > this
     score_weighted_loss: weight the unlabeled loss by the pseudo-labels' confidence (see
                          docs/guided_distillation.md; the reference uses hard, unweighted targets)
+    box_source:          pseudo-instance boxes from the binarised pseudo-mask (mask, the reference) or
+                         from the teacher's box head (head; models with boxes, e.g. Mask DINO)
+    nms_iou:             drop a pseudo-instance whose mask IoU with a more confident one exceeds this
+                         (class-agnostic, greedy); 1.0 = off, the reference
     """
 
     score_threshold: float = 0.7
@@ -41,10 +45,13 @@ class PseudoLabelConfig:
     min_area: float = 5.0
     mask_threshold: float = 0.5
     score_weighted_loss: bool = False
+    box_source: Literal["mask", "head"] = "mask"
+    nms_iou: float = 1.0
 
     def __post_init__(self) -> None:
         self.class_thresholds = tuple(self.class_thresholds)
         for name, value in [("score_threshold", self.score_threshold), ("mask_threshold", self.mask_threshold),
+                            ("nms_iou", self.nms_iou),
                             *((f"class_thresholds[{i}]", t) for i, t in enumerate(self.class_thresholds))]:
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value}: expected a value in [0, 1]")
@@ -53,7 +60,8 @@ class PseudoLabelConfig:
 
     def build_filter(self) -> ThresholdFilter:
         return ThresholdFilter(score_threshold=self.score_threshold, min_area=self.min_area,
-                               mask_threshold=self.mask_threshold, class_thresholds=self.class_thresholds or None)
+                               mask_threshold=self.mask_threshold, class_thresholds=self.class_thresholds or None,
+                               box_source=self.box_source, nms_iou=self.nms_iou)
 
 
 @dataclass

@@ -9,8 +9,8 @@ external mask refiners, learned filters) plug in without touching the trainer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 
@@ -32,7 +32,13 @@ class ThresholdFilter:
     - its confidence max_c class_probs > `score_threshold` (or `class_thresholds[c]` for its class c),
     - its soft mask area, the sum of sigmoid(mask logits) inside the image, exceeds `min_area`
       (in mask pixels, i.e. at 1/`mask_stride` resolution).
-    Its mask is sigmoid > `mask_threshold` and its box is derived from the mask. `scores` carries
+    Its mask is sigmoid > `mask_threshold`. Its box, xyxy pixels of the mask canvas (the units
+    the student's box loss and denoising normalise by that canvas), comes from
+    - `box_source="mask"`: the binarised mask (the reference's rule, works for every model),
+    - `box_source="head"`: the teacher's box head (`candidates.boxes`), clipped to the image.
+    With `nms_iou` < 1, greedy class-agnostic mask-IoU NMS in order of confidence then drops a
+    kept query whose mask overlaps a more confident kept one by IoU > `nms_iou` (for sigmoid-score
+    models such as Mask DINO, whose duplicates no "no object" class suppresses). `scores` carries
     the confidence, so a loss may weight pseudo-instances by it.
 
     Deviation from the reference: mask pixels in the padding (outside `image_sizes`) are cleared
@@ -44,6 +50,8 @@ class ThresholdFilter:
     mask_threshold: float = 0.5
     class_thresholds: tuple[float, ...] | None = None
     mask_stride: int = 4
+    box_source: Literal["mask", "head"] = "mask"
+    nms_iou: float = 1.0
 
     def __call__(self, candidates: "PseudoLabelCandidates",
                  image_sizes: Sequence[tuple[int, int]]) -> list[Instances]:
@@ -52,16 +60,32 @@ class ThresholdFilter:
         num_images, _, num_classes = probs.shape
         if len(image_sizes) != num_images:
             raise ValueError(f"{len(image_sizes)} image sizes for a batch of {num_images}")
+        if self.box_source == "head" and candidates.boxes is None:
+            raise ConfigError("semi.pseudo_labels.box_source=head needs a model with a box head (e.g. maskdino); "
+                              "use box_source=mask")
         confidence, labels = probs.max(dim=2)  # [B, Q]
         threshold = self._thresholds(num_classes, probs.device)[labels]  # [B, Q]
         soft = mask_logits.sigmoid() * self._valid_region(mask_logits, image_sizes)  # [B, Q, h, w]
         keep = candidates.is_object & (confidence > threshold) & (soft.sum(dim=(2, 3)) > self.min_area)
         results = []
         for b in range(num_images):
-            k = keep[b]
-            masks = soft[b, k] > self.mask_threshold
-            results.append(Instances.from_masks(labels[b, k], masks, scores=confidence[b, k]))
+            idx = keep[b].nonzero().view(-1)
+            masks = soft[b, idx] > self.mask_threshold
+            if self.nms_iou < 1.0:
+                survivors = mask_nms(masks, confidence[b, idx], self.nms_iou)
+                idx, masks = idx[survivors], masks[survivors]
+            instances = Instances.from_masks(labels[b, idx], masks, scores=confidence[b, idx])
+            if self.box_source == "head":
+                boxes = self._clipped_head_boxes(candidates.boxes[b, idx].float(), image_sizes[b])
+                instances = replace(instances, boxes=boxes)
+            results.append(instances)
         return results
+
+    def _clipped_head_boxes(self, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """[N, 4] xyxy mask-canvas pixels -> the same clipped to the image's valid area at mask resolution."""
+        valid_h, valid_w = (math.ceil(n / self.mask_stride) for n in image_size)
+        limits = torch.tensor([valid_w, valid_h, valid_w, valid_h], dtype=boxes.dtype, device=boxes.device)
+        return torch.minimum(boxes.clamp(min=0.0), limits)
 
     def _thresholds(self, num_classes: int, device: torch.device) -> torch.Tensor:
         """[K] confidence threshold of each class."""
@@ -79,3 +103,32 @@ class ThresholdFilter:
         for b, (img_h, img_w) in enumerate(image_sizes):
             region[b, :, :math.ceil(img_h / self.mask_stride), :math.ceil(img_w / self.mask_stride)] = 1.0
         return region
+
+
+def mask_iou(masks: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of binary masks: [N, h, w] bool -> [N, N] float (0 where both are empty)."""
+    flat = masks.flatten(1).float()  # [N, h*w]
+    inter = flat @ flat.T
+    area = flat.sum(dim=1)
+    return inter / (area[:, None] + area[None, :] - inter).clamp(min=1.0)
+
+
+def mask_nms(masks: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy class-agnostic NMS on masks: [N, h, w] bool, [N] -> [N] bool, True = kept.
+
+    Visiting masks by decreasing score, a mask is dropped when its IoU with an earlier *kept* mask
+    exceeds `iou_threshold`. Solved as a fixed point over the [N, N] "would suppress" matrix (each
+    pass fixes at least one more mask in score order), so no per-mask Python loop.
+    """
+    order = scores.argsort(descending=True)
+    ranked = mask_iou(masks[order]) > iou_threshold  # [N, N]
+    suppresses = ranked.triu(diagonal=1)  # earlier (row) would suppress later (column)
+    keep = torch.ones(len(order), dtype=torch.bool, device=masks.device)
+    while True:
+        updated = ~(suppresses & keep[:, None]).any(dim=0)
+        if torch.equal(updated, keep):
+            break
+        keep = updated
+    kept = torch.zeros_like(keep)
+    kept[order] = keep
+    return kept
