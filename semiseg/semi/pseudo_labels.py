@@ -117,10 +117,11 @@ def mask_nms(masks: torch.Tensor, scores: torch.Tensor, iou_threshold: float) ->
     """Greedy class-agnostic NMS on masks: [N, h, w] bool, [N] -> [N] bool, True = kept.
 
     Visiting masks by decreasing score, a mask is dropped when its IoU with an earlier *kept* mask
-    exceeds `iou_threshold`. Solved as a fixed point over the [N, N] "would suppress" matrix (each
-    pass fixes at least one more mask in score order), so no per-mask Python loop.
+    exceeds `iou_threshold` (ties in score: query order). Solved as the fixed point of whole-tensor
+    passes over the [N, N] "would suppress" matrix: each pass settles at least one more mask in score
+    order, so it ends after at most N passes, usually a few.
     """
-    order = scores.argsort(descending=True)
+    order = scores.argsort(descending=True, stable=True)
     ranked = mask_iou(masks[order]) > iou_threshold  # [N, N]
     suppresses = ranked.triu(diagonal=1)  # earlier (row) would suppress later (column)
     keep = torch.ones(len(order), dtype=torch.bool, device=masks.device)
