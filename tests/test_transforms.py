@@ -209,6 +209,34 @@ def test_strong_augmentation_is_deterministic_given_the_generator():
     assert torch.equal(strong(image, np.random.default_rng(3)), strong(image, np.random.default_rng(3)))
 
 
+def hue_and_saturation(image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[3, H, W] uint8 -> (hue, saturation), each [H*W] in 0..1."""
+    pixels = image.flatten(1).T.numpy() / 255.0
+    return np.array([colorsys.rgb_to_hsv(*p)[:2] for p in pixels]).T
+
+
+def largest_hue_shift(hue_strength: float) -> float:
+    """Over 8 fully jittered views: the largest median per-pixel hue change (saturated pixels only)."""
+    image, _, _ = painted_scene()
+    config = AugmentationConfig(strong_jitter_p=1.0, strong_grayscale_p=0.0, strong_blur_p=0.0,
+                                strong_hue=hue_strength)
+    hue_before, saturation = hue_and_saturation(image)
+    shifts = []
+    for seed in range(8):
+        strong = config.strong_transform()(image, np.random.default_rng(seed))
+        assert not torch.equal(strong, image)
+        hue_after, saturation_after = hue_and_saturation(strong)
+        change = np.abs(hue_after - hue_before)
+        shifts.append(np.median(np.minimum(change, 1 - change)[(saturation > 0.3) & (saturation_after > 0.3)]))
+    return float(max(shifts))
+
+
+def test_strong_hue_zero_keeps_each_pixels_hue():
+    # brightness, contrast and saturation change the colours but, without a hue shift, not the hue
+    assert largest_hue_shift(0.0) < 0.01
+    assert largest_hue_shift(0.1) > 0.04
+
+
 def test_augmentation_config_builds_and_validates():
     config = AugmentationConfig(kind="resize_crop", crop_size=[40, 64], short_edges=[48, 64])
     assert config.crop_size == (40, 64)
@@ -219,5 +247,7 @@ def test_augmentation_config_builds_and_validates():
         AugmentationConfig(kind="mosaic")
     with pytest.raises(ConfigError, match="strong_blur_p"):
         AugmentationConfig(strong_blur_p=1.5)
+    with pytest.raises(ConfigError, match="strong_hue"):
+        AugmentationConfig(strong_hue=0.7)
     with pytest.raises(ConfigError, match="min_scale"):
         AugmentationConfig(min_scale=2.0, max_scale=1.0)

@@ -322,6 +322,8 @@ class AugmentationConfig:
     color:           resize_crop ColorAugSSD on/off
     flip:            random horizontal flip on/off
     strong_*_p:      probabilities of the strong view's colour jitter, grayscale and blur (0 = off)
+    strong_hue:      the colour jitter's largest hue shift (fraction of the hue circle, reference 0.1);
+                     lower it when hue tells the classes apart (the built-in dataset)
     test_short_edge/test_max_size: test-time resize
     """
 
@@ -337,6 +339,7 @@ class AugmentationConfig:
     strong_jitter_p: float = 0.8
     strong_grayscale_p: float = 0.2
     strong_blur_p: float = 0.5
+    strong_hue: float = 0.1
     test_short_edge: int = 800
     test_max_size: int = 1333
 
@@ -346,6 +349,8 @@ class AugmentationConfig:
         for name in ("strong_jitter_p", "strong_grayscale_p", "strong_blur_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"augmentation {name}={getattr(self, name)}: expected a probability in [0, 1]")
+        if not 0.0 <= self.strong_hue <= 0.5:
+            raise ConfigError(f"augmentation strong_hue={self.strong_hue}: expected a value in [0, 0.5]")
         self.train_transform()  # validates kind and sizes
         self.test_transform()
 
@@ -356,7 +361,8 @@ class AugmentationConfig:
                                      color=self.color, flip=self.flip)
 
     def strong_transform(self) -> StrongAugmentation:
-        return StrongAugmentation(self.strong_jitter_p, self.strong_grayscale_p, self.strong_blur_p)
+        return StrongAugmentation(self.strong_jitter_p, self.strong_grayscale_p, self.strong_blur_p,
+                                  hue=self.strong_hue)
 
     def test_transform(self) -> AugmentationPipeline:
         return build_test_transform(self.test_short_edge, self.test_max_size)

@@ -1,0 +1,130 @@
+"""How good are a teacher's pseudo-labels? Precision and recall of the pseudo-label filter per threshold.
+
+Runs a trained model (Mask2Former or Mask DINO) on labeled images as if they were unlabeled, applies
+the Guided Distillation filter (`semi.pseudo_labels`) at several confidence thresholds and compares
+the pseudo-instances with the ground truth at the pseudo-masks' resolution (1/4). A pseudo-instance
+is correct when it matches a ground-truth instance of its class with mask IoU >= 0.5; matching is
+one-to-one in order of confidence, so duplicates count as wrong. Used to calibrate the threshold
+(the Mask DINO default was chosen with it; see docs/guided_distillation.md).
+
+    python benchmarks/pseudo_label_quality.py --weights runs/teacher/checkpoints/last \
+        --ann data/synth/annotations/instances_val.json --images data/synth/val
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from semiseg.api import load
+from semiseg.data.coco import load_coco_instances
+from semiseg.data.datasets import Sample
+from semiseg.data.images import read_image
+from semiseg.data.loader import collate
+from semiseg.data.masks import decode_segmentation
+from semiseg.semi.pseudo_labels import ThresholdFilter
+
+IOU_MATCH = 0.5
+
+
+@dataclass
+class Tally:
+    """Counts over images for one threshold."""
+
+    pseudo: int = 0
+    correct: int = 0  # right class, IoU >= 0.5, first match of its ground truth
+    located: int = 0  # the same, ignoring the class
+    truth: int = 0
+
+    def row(self, threshold: float, images: int) -> str:
+        precision = self.correct / max(self.pseudo, 1)
+        agnostic = self.located / max(self.pseudo, 1)
+        recall = self.correct / max(self.truth, 1)
+        return (f"| {threshold:.2f} | {self.pseudo / images:.2f} | {precision:.2f} | {agnostic:.2f} | {recall:.2f} "
+                f"| {2 * precision * recall / max(precision + recall, 1e-9):.2f} |")
+
+
+def greedy_matches(pred_masks: torch.Tensor, truth_masks: torch.Tensor) -> list[int]:
+    """pred_masks [P, h, w] (by decreasing confidence), truth_masks [T, h, w] bool -> for each prediction
+    the index of the ground truth it claims (IoU >= 0.5, each ground truth once) or -1."""
+    if len(pred_masks) == 0 or len(truth_masks) == 0:
+        return [-1] * len(pred_masks)
+    p, t = pred_masks.flatten(1).float(), truth_masks.flatten(1).float()
+    inter = p @ t.T
+    iou = inter / (p.sum(1)[:, None] + t.sum(1)[None, :] - inter).clamp(min=1)
+    taken: set[int] = set()
+    matches = []
+    for row in iou:
+        row = row.clone()
+        row[list(taken)] = -1
+        best = int(row.argmax())
+        matches.append(best if row[best] >= IOU_MATCH else -1)
+        if matches[-1] >= 0:
+            taken.add(best)
+    return matches
+
+
+def truth_at_mask_resolution(annotations, height: int, width: int, canvas: tuple[int, int],
+                             stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-crowd ground truth -> (labels [T], masks [T, H/stride, W/stride] bool on the padded canvas)."""
+    kept = [a for a in annotations if not a.iscrowd]
+    masks = torch.zeros(len(kept), canvas[0] * stride, canvas[1] * stride)
+    for i, a in enumerate(kept):
+        masks[i, :height, :width] = torch.from_numpy(decode_segmentation(a.segmentation, height, width)).float()
+    small = F.avg_pool2d(masks[:, None], stride)[:, 0] > 0.5 if len(kept) else masks[:, ::stride, ::stride].bool()
+    return torch.tensor([a.label for a in kept], dtype=torch.long), small
+
+
+def measure(weights: str, ann: str, images: str, thresholds: list[float], limit: int) -> dict[float, Tally]:
+    predictor = load(weights, device="cpu")
+    model = predictor.model
+    records = load_coco_instances(ann, images).records[:limit]
+    tallies = {t: Tally() for t in thresholds}
+    for record in records:
+        image = read_image(record.file_name)
+        h, w = image.shape[:2]
+        batch = collate([Sample(torch.from_numpy(image).permute(2, 0, 1).contiguous(), 0, (h, w))])
+        with torch.no_grad():
+            candidates = model.pseudo_label_candidates(model(batch.images, batch.image_sizes))
+        canvas = tuple(candidates.mask_logits.shape[-2:])
+        stride = batch.images.shape[-1] // canvas[1]
+        labels, truth = truth_at_mask_resolution(record.annotations, h, w, canvas, stride)
+        for threshold, tally in tallies.items():
+            (pseudo,) = ThresholdFilter(score_threshold=threshold, mask_stride=stride)(candidates, batch.image_sizes)
+            order = pseudo.scores.argsort(descending=True)
+            tally.pseudo += len(pseudo)
+            tally.truth += len(labels)
+            class_matches = [-1] * len(order)
+            for c in pseudo.labels.unique().tolist():
+                chosen = order[pseudo.labels[order] == c]
+                for j, m in zip(chosen.tolist(), greedy_matches(pseudo.masks[chosen], truth[labels == c])):
+                    class_matches[j] = m
+            tally.correct += sum(m >= 0 for m in class_matches)
+            tally.located += sum(m >= 0 for m in greedy_matches(pseudo.masks[order], truth))
+    return tallies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, help="a semiseg checkpoint or weights file")
+    parser.add_argument("--ann", required=True, help="COCO instances json of the images to pseudo-label")
+    parser.add_argument("--images", required=True, help="their image folder")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    parser.add_argument("--limit", type=int, default=200, help="number of images (default 200)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tallies = measure(args.weights, args.ann, args.images, args.thresholds, args.limit)
+    images = min(args.limit, len(load_coco_instances(args.ann, args.images).records))
+    truth = next(iter(tallies.values())).truth / images
+    print(f"{images} images, {truth:.2f} ground-truth instances per image; correct = right class and mask IoU >= "
+          f"{IOU_MATCH}, one-to-one")
+    print("| threshold | pseudo-labels / image | precision | class-agnostic precision | recall | F1 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for threshold, tally in tallies.items():
+        print(tally.row(threshold, images))
+
+
+if __name__ == "__main__":
+    main()
