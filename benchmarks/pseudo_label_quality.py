@@ -77,7 +77,8 @@ def truth_at_mask_resolution(annotations, height: int, width: int, canvas: tuple
     return torch.tensor([a.label for a in kept], dtype=torch.long), small
 
 
-def measure(weights: str, ann: str, images: str, thresholds: list[float], limit: int) -> dict[float, Tally]:
+def measure(weights: str, ann: str, images: str, thresholds: list[float], limit: int,
+            nms_iou: float = 1.0) -> dict[float, Tally]:
     predictor = load(weights, device="cpu")
     model = predictor.model
     records = load_coco_instances(ann, images).records[:limit]
@@ -92,7 +93,8 @@ def measure(weights: str, ann: str, images: str, thresholds: list[float], limit:
         stride = batch.images.shape[-1] // canvas[1]
         labels, truth = truth_at_mask_resolution(record.annotations, h, w, canvas, stride)
         for threshold, tally in tallies.items():
-            (pseudo,) = ThresholdFilter(score_threshold=threshold, mask_stride=stride)(candidates, batch.image_sizes)
+            (pseudo,) = ThresholdFilter(score_threshold=threshold, mask_stride=stride, nms_iou=nms_iou)(
+                candidates, batch.image_sizes)
             order = pseudo.scores.argsort(descending=True)
             tally.pseudo += len(pseudo)
             tally.truth += len(labels)
@@ -113,9 +115,10 @@ def main() -> None:
     parser.add_argument("--images", required=True, help="their image folder")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     parser.add_argument("--limit", type=int, default=200, help="number of images (default 200)")
+    parser.add_argument("--nms-iou", type=float, default=1.0, help="semi.pseudo_labels.nms_iou (default 1 = off)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tallies = measure(args.weights, args.ann, args.images, args.thresholds, args.limit)
+    tallies = measure(args.weights, args.ann, args.images, args.thresholds, args.limit, args.nms_iou)
     images = min(args.limit, len(load_coco_instances(args.ann, args.images).records))
     truth = next(iter(tallies.values())).truth / images
     print(f"{images} images, {truth:.2f} ground-truth instances per image; correct = right class and mask IoU >= "

@@ -11,6 +11,7 @@ markdown table (with the machine and the wall time).
 
     python benchmarks/semi_supervised.py --out runs/bench_gd                  # 5 % and 10 %, seeds 0 1 2
     python benchmarks/semi_supervised.py --out runs/bench_gd --percents 10 --seeds 0
+    python benchmarks/semi_supervised.py --out runs/bench_gd_maskdino --model maskdino --no-full
 
 Finished runs are reused, so an interrupted benchmark continues where it stopped.
 """
@@ -115,10 +116,11 @@ def main() -> None:
     parser.add_argument("--percents", type=float, nargs="+", default=[5, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-full", action="store_true", help="skip the 100 %-labeled upper reference")
+    parser.add_argument("--model", choices=["mask2former", "maskdino"], default="mask2former")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick settings (a smoke run)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
-    base = QUICK if args.quick else DEFAULT
+    base = dataclasses.replace(QUICK if args.quick else DEFAULT, model=args.model)
     start = time.perf_counter()
     rows, full = [], []
     for seed in args.seeds:

@@ -27,13 +27,27 @@ from semiseg.engine.checkpoint import atomic_write
 from semiseg.errors import ConfigError
 from semiseg.structures import Instances
 
-MODEL = [
-    "model.backbone.name=tiny_resnet",
-    "model.mask2former.hidden_dim=64", "model.mask2former.num_queries=20", "model.mask2former.nheads=4",
-    "model.mask2former.dim_feedforward=128", "model.mask2former.dec_layers=4", "model.mask2former.enc_layers=2",
-    "model.mask2former.enc_dim_feedforward=128", "model.mask2former.conv_dim=64", "model.mask2former.mask_dim=64",
-    "model.mask2former.train_num_points=1024", "model.mask2former.test_topk=50",
-]
+MODELS = {  # the tiny models of configs/synthetic_{mask2former,maskdino}_tiny.yaml
+    "mask2former": [
+        "model.arch=mask2former", "model.backbone.name=tiny_resnet", "model.mask2former.hidden_dim=64",
+        "model.mask2former.num_queries=20", "model.mask2former.nheads=4", "model.mask2former.dim_feedforward=128",
+        "model.mask2former.dec_layers=4", "model.mask2former.enc_layers=2", "model.mask2former.enc_dim_feedforward=128",
+        "model.mask2former.conv_dim=64", "model.mask2former.mask_dim=64", "model.mask2former.train_num_points=1024",
+        "model.mask2former.test_topk=50",
+    ],
+    "maskdino": [
+        "model.arch=maskdino", "model.backbone.name=tiny_resnet", "model.maskdino.hidden_dim=64",
+        "model.maskdino.num_queries=20", "model.maskdino.nheads=4", "model.maskdino.dec_nheads=4",
+        "model.maskdino.dim_feedforward=128", "model.maskdino.dec_layers=3", "model.maskdino.enc_layers=2",
+        "model.maskdino.enc_dim_feedforward=128", "model.maskdino.conv_dim=64", "model.maskdino.mask_dim=64",
+        "model.maskdino.total_num_feature_levels=3", "model.maskdino.dn_num=20",
+        "model.maskdino.train_num_points=1024", "model.maskdino.test_topk=50",
+    ],
+}
+PSEUDO_LABELS = {  # stage-2 pseudo-label filter per model (docs/guided_distillation.md, "The demo")
+    "mask2former": [],
+    "maskdino": [],
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,7 @@ class DemoSettings:
     num_train / num_val: synthetic images (all training images but the labeled ones are unlabeled)
     percent:             labeled share of the training images
     teacher_iters:       stage-1 iterations; student_iters: stage-2 iterations
+    model:               "mask2former" or "maskdino" (a key of MODELS)
     burn_in_iter / ema_decay / student_init: the `semi:` settings of stage 2
     """
 
@@ -60,6 +75,7 @@ class DemoSettings:
     ema_decay: float
     num_workers: int
     num_overlays: int
+    model: str = "mask2former"
 
 
 DEFAULT = DemoSettings(num_train=1000, num_val=500, image_size=128, percent=10, batch_size=8,
@@ -77,18 +93,18 @@ def run_demo(out_dir: Path, model: str = "mask2former", quick: bool = False, dev
     quick: a minutes-long smoke run on a few dozen tiny images (CI). device: "cpu", "cuda", "cuda:N"
     or None (a GPU when there is one).
     """
-    return run_pipeline(Path(out_dir), QUICK if quick else DEFAULT, model=model, device=device, seed=seed)
+    settings = dataclasses.replace(QUICK if quick else DEFAULT, model=model)
+    return run_pipeline(Path(out_dir), settings, device=device, seed=seed)
 
 
-def run_pipeline(out_dir: Path, settings: DemoSettings, model: str = "mask2former", device: str | None = None,
-                 seed: int = 0) -> dict[str, Any]:
+def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = None, seed: int = 0) -> dict[str, Any]:
     """The demo with explicit `settings` (`run_demo` picks DEFAULT or QUICK)."""
     from semiseg.data.splits import write_splits
     from semiseg.data.synthetic import write_synthetic_dataset
     from semiseg.engine.train import train
 
-    if model != "mask2former":
-        raise ConfigError(f"semiseg demo --model {model}: not available yet (the demo runs --model mask2former)")
+    if settings.model not in MODELS:
+        raise ConfigError(f"semiseg demo --model {settings.model}: expected one of {', '.join(MODELS)}")
     _claim(out_dir)
     start = time.perf_counter()
     _stage(1, f"the built-in dataset: {settings.num_train} training + {settings.num_val} validation images, "
@@ -115,7 +131,7 @@ def run_pipeline(out_dir: Path, settings: DemoSettings, model: str = "mask2forme
     overlays = save_overlays(out_dir / "overlays", data, teacher_weights, student_run / "checkpoints" / "last",
                              settings.num_overlays, device)
     results = {
-        "model": model, "seed": seed, "settings": dataclasses.asdict(settings),
+        "model": settings.model, "seed": seed, "settings": dataclasses.asdict(settings),
         "labeled_images": _count_images(labeled), "unlabeled_images": _count_images(unlabeled),
         "teacher": _summary(teacher), "student": _summary(final["student"]),
         "ema_teacher": _summary(final["teacher"]),
@@ -148,7 +164,7 @@ def base_overrides(settings: DemoSettings, data: dict[str, Path], labeled: Path,
                    seed: int) -> list[str]:
     """Config overrides shared by both stages: model, data (labeled json `labeled`), solver, device."""
     size = settings.image_size
-    return MODEL + [
+    return MODELS[settings.model] + [
         f"data.train_ann={labeled}", f"data.train_images={data['train_images']}",
         f"data.val_ann={data['val_ann']}", f"data.val_images={data['val_images']}",
         "data.augmentation.kind=lsj", f"data.augmentation.image_size={size}", "data.augmentation.min_scale=0.8",
@@ -174,7 +190,8 @@ def student_overrides(settings: DemoSettings, output_dir: Path, teacher_weights:
         f"train.output_dir={output_dir}", "solver.warmup_iters=0", f"data.unlabeled={unlabeled}", f"data.unlabeled_images={unlabeled_images}",
         f"data.unlabeled_batch_size={settings.batch_size}", "semi.enabled=true",
         f"semi.teacher_weights={teacher_weights}", f"semi.student_init={settings.student_init}",
-        f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both"]
+        f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both",
+        *PSEUDO_LABELS[settings.model]]
 
 
 def _schedule(iterations: int, lr: float) -> list[str]:

@@ -39,7 +39,16 @@ def test_existing_output_folder_is_never_overwritten(demo, capsys):
     assert (out / "results.json").read_text() == before
 
 
-def test_maskdino_demo_is_a_clear_error(tmp_path, capsys):
-    assert main(["demo", "--quick", "--model", "maskdino", "--out", str(tmp_path / "md")]) == 2
-    assert "not available yet" in capsys.readouterr().err
-    assert not (tmp_path / "md").exists()
+def test_quick_maskdino_demo_runs_guided_distillation_with_boxes(tmp_path):
+    results = run_demo(tmp_path / "md", model="maskdino", quick=True, device="cpu", seed=1)
+    assert results["model"] == "maskdino" and results["settings"]["model"] == "maskdino"
+    assert 0.0 <= results["student"]["mask_AP"] <= 100.0
+    student_log = [json.loads(line) for line in (tmp_path / "md" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_bbox_unsup" in r for r in student_log)
+
+
+def test_unknown_demo_model_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--quick", "--model", "yolo", "--out", str(tmp_path / "x")])
+    assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
