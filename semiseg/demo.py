@@ -44,12 +44,6 @@ MODELS = {  # the tiny models of configs/synthetic_{mask2former,maskdino}_tiny.y
         "model.maskdino.train_num_points=1024", "model.maskdino.test_topk=50",
     ],
 }
-PSEUDO_LABELS = {  # stage-2 pseudo-label filter per model (docs/guided_distillation.md, "The demo")
-    "mask2former": [],
-    "maskdino": [],
-}
-
-
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes and schedules of one demo run.
@@ -190,8 +184,7 @@ def student_overrides(settings: DemoSettings, output_dir: Path, teacher_weights:
         f"train.output_dir={output_dir}", "solver.warmup_iters=0", f"data.unlabeled={unlabeled}", f"data.unlabeled_images={unlabeled_images}",
         f"data.unlabeled_batch_size={settings.batch_size}", "semi.enabled=true",
         f"semi.teacher_weights={teacher_weights}", f"semi.student_init={settings.student_init}",
-        f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both",
-        *PSEUDO_LABELS[settings.model]]
+        f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both"]
 
 
 def _schedule(iterations: int, lr: float) -> list[str]:

@@ -98,8 +98,9 @@ def test_a_batch_without_pseudo_labels_trains(data, teacher, tmp_path):
 
 
 def test_more_pseudo_labels_than_dn_num_trains_without_unlabeled_denoising(data, teacher, tmp_path):
-    # 8 queries, threshold 0: every image gets 8 pseudo-instances, more than dn_num 4 -> 4 // 8 = 0 groups
-    run = train(md_config(data, teacher, tmp_path / "run", "solver.max_iter=1", "model.maskdino.dn_num=4"))
+    # 8 queries, threshold 0, no NMS: every image gets 8 pseudo-instances, more than dn_num 4 -> 0 groups
+    run = train(md_config(data, teacher, tmp_path / "run", "solver.max_iter=1", "model.maskdino.dn_num=4",
+                          "semi.pseudo_labels.nms_iou=1.0"))
     (r,) = metrics(run)
     assert r["loss_ce_dn_unsup"] == 0 and r["loss_bbox_unsup"] > 0 and math.isfinite(r["loss"])
 

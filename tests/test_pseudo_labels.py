@@ -152,3 +152,17 @@ def test_pseudo_label_boxes_normalise_like_the_equivalent_ground_truth():
     for box_source in ("mask", "head"):
         (pl,) = ThresholdFilter(box_source=box_source)(candidates, [(64, 64)])
         torch.testing.assert_close(normalized_cxcywh(pl.boxes, pl.image_size), expected)
+
+
+def test_threshold_and_nms_defaults_follow_the_meta_architecture():
+    from semiseg.config import Config, apply_overrides
+
+    mask2former = apply_overrides(Config(), []).semi.pseudo_labels.build_filter("mask2former")
+    assert (mask2former.score_threshold, mask2former.nms_iou) == (0.7, 1.0)  # the reference
+    maskdino = apply_overrides(Config(), []).semi.pseudo_labels.build_filter("maskdino")
+    assert (maskdino.score_threshold, maskdino.nms_iou) == (0.3, 0.5)  # calibrated sigmoid scores
+    chosen = apply_overrides(Config(), ["semi.pseudo_labels.score_threshold=0.45", "semi.pseudo_labels.nms_iou=1.0"])
+    explicit = chosen.semi.pseudo_labels.build_filter("maskdino")
+    assert (explicit.score_threshold, explicit.nms_iou) == (0.45, 1.0)
+    with pytest.raises(ConfigError, match="nms_iou"):
+        apply_overrides(Config(), ["semi.pseudo_labels.nms_iou=1.5"])

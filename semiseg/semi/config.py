@@ -9,7 +9,7 @@
       unsup_loss_weight: 2.0         # L = L_sup + 2.0 * L_unsup (0: labeled data only, a control)
       labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
       eval_who: student              # student | teacher | both
-      pseudo_labels: {score_threshold: 0.7, min_area: 5.0, mask_threshold: 0.5, box_source: mask, nms_iou: 1.0}
+      pseudo_labels: {min_area: 5.0, mask_threshold: 0.5, box_source: mask}  # score_threshold, nms_iou: by model
 
 Unlabeled images come from `data.unlabeled` (+ `data.unlabeled_images`), `data.unlabeled_batch_size`
 of them per iteration.
@@ -28,7 +28,9 @@ from semiseg.semi.pseudo_labels import ThresholdFilter
 class PseudoLabelConfig:
     """The default pseudo-label filter (`ThresholdFilter`) and how pseudo-labels enter the loss.
 
-    score_threshold:     keep a query whose class confidence is above this (reference: 0.7)
+    score_threshold:     keep a query whose class confidence is above this; default (None) by model:
+                         0.7 for Mask2Former (the reference), 0.3 for Mask DINO (calibrated, see
+                         `ARCH_DEFAULTS`)
     class_thresholds:    one threshold per class instead of `score_threshold` (empty = not used)
     min_area:            keep a query whose soft mask area (sum of sigmoid, 1/4 resolution) is above this
     mask_threshold:      binarise the pseudo-mask at sigmoid > this
@@ -37,31 +39,48 @@ class PseudoLabelConfig:
     box_source:          pseudo-instance boxes from the binarised pseudo-mask (mask, the reference) or
                          from the teacher's box head (head; models with boxes, e.g. Mask DINO)
     nms_iou:             drop a pseudo-instance whose mask IoU with a more confident one exceeds this
-                         (class-agnostic, greedy); 1.0 = off, the reference
+                         (class-agnostic, greedy); 1.0 = off; default (None) by model: off for
+                         Mask2Former (the reference), 0.5 for Mask DINO
     """
 
-    score_threshold: float = 0.7
+    score_threshold: float | None = None
     class_thresholds: tuple[float, ...] = ()
     min_area: float = 5.0
     mask_threshold: float = 0.5
     score_weighted_loss: bool = False
     box_source: Literal["mask", "head"] = "mask"
-    nms_iou: float = 1.0
+    nms_iou: float | None = None
 
     def __post_init__(self) -> None:
         self.class_thresholds = tuple(self.class_thresholds)
         for name, value in [("score_threshold", self.score_threshold), ("mask_threshold", self.mask_threshold),
                             ("nms_iou", self.nms_iou),
                             *((f"class_thresholds[{i}]", t) for i, t in enumerate(self.class_thresholds))]:
-            if not 0.0 <= value <= 1.0:
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value}: expected a value in [0, 1]")
         if self.min_area < 0:
             raise ConfigError(f"min_area={self.min_area}: expected >= 0")
 
-    def build_filter(self) -> ThresholdFilter:
-        return ThresholdFilter(score_threshold=self.score_threshold, min_area=self.min_area,
-                               mask_threshold=self.mask_threshold, class_thresholds=self.class_thresholds or None,
-                               box_source=self.box_source, nms_iou=self.nms_iou)
+    def build_filter(self, arch: str) -> ThresholdFilter:
+        """The filter for a model of meta-architecture `arch`; unset values take `ARCH_DEFAULTS[arch]`."""
+        defaults = ARCH_DEFAULTS[arch]
+        return ThresholdFilter(
+            score_threshold=defaults["score_threshold"] if self.score_threshold is None else self.score_threshold,
+            min_area=self.min_area, mask_threshold=self.mask_threshold,
+            class_thresholds=self.class_thresholds or None, box_source=self.box_source,
+            nms_iou=defaults["nms_iou"] if self.nms_iou is None else self.nms_iou)
+
+
+# Defaults that depend on how a model scores its queries. Mask2Former: the reference's softmax
+# threshold, no NMS (its "no object" class removes duplicates). Mask DINO has sigmoid (focal-loss)
+# scores, far lower than a softmax's: the tiny Mask DINO of the demo (mask AP 11.6 with 10 % labels)
+# keeps no query at 0.7; at 0.3 with mask NMS 0.5 its pseudo-labels match what the Mask2Former
+# teacher keeps at 0.7 (about 2.4 per image, ~40 % right). Measured with
+# benchmarks/pseudo_label_quality.py, table in docs/guided_distillation.md.
+ARCH_DEFAULTS = {
+    "mask2former": {"score_threshold": 0.7, "nms_iou": 1.0},
+    "maskdino": {"score_threshold": 0.3, "nms_iou": 0.5},
+}
 
 
 @dataclass

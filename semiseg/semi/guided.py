@@ -100,7 +100,7 @@ class GuidedDistillationTrainer(Trainer):
             raise ValueError(f"Guided Distillation needs the streams {sorted(missing)}")
         super().__init__(cfg, student, streams, run, device, info, evaluate)
         self.teacher = freeze(teacher)
-        self.pseudo_labeler = pseudo_labeler or cfg.semi.pseudo_labels.build_filter()
+        self.pseudo_labeler = pseudo_labeler or cfg.semi.pseudo_labels.build_filter(cfg.model.arch)
         self.pseudo_label_count = 0  # pseudo-instances made since the last log line
         self.pseudo_label_images = 0
 
