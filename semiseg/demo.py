@@ -163,6 +163,8 @@ def base_overrides(settings: DemoSettings, data: dict[str, Path], labeled: Path,
         f"data.val_ann={data['val_ann']}", f"data.val_images={data['val_images']}",
         "data.augmentation.kind=lsj", f"data.augmentation.image_size={size}", "data.augmentation.min_scale=0.8",
         "data.augmentation.max_scale=1.25", f"data.augmentation.test_short_edge={size}",
+        # the strong view keeps the hue, which tells the built-in dataset's classes apart
+        "data.augmentation.strong_hue=0.0", "data.augmentation.strong_grayscale_p=0.0",
         f"data.augmentation.test_max_size={size}", f"data.batch_size={settings.batch_size}",
         f"data.num_workers={settings.num_workers}", "solver.backbone_lr_mult=1.0",
         "solver.amp=none", f"train.device={device or 'auto'}", f"train.seed={seed}",
@@ -184,7 +186,8 @@ def student_overrides(settings: DemoSettings, output_dir: Path, teacher_weights:
         f"train.output_dir={output_dir}", "solver.warmup_iters=0", f"data.unlabeled={unlabeled}", f"data.unlabeled_images={unlabeled_images}",
         f"data.unlabeled_batch_size={settings.batch_size}", "semi.enabled=true",
         f"semi.teacher_weights={teacher_weights}", f"semi.student_init={settings.student_init}",
-        f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both"]
+        f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both",
+        "semi.pseudo_labels.nms_iou=0.5"]
 
 
 def _schedule(iterations: int, lr: float) -> list[str]:

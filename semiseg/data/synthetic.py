@@ -1,10 +1,10 @@
 """The built-in synthetic dataset: shapes on cluttered backgrounds, written as a COCO dataset.
 
-Eight shape classes (`synthetic_shapes.SHAPE_CLASSES`) are told apart by shape. Colour is a weak cue:
-each class has its own hue band (centre k/8 on the hue circle, Gaussian spread 0.09), and the bands
-of neighbouring classes overlap so much that the nearest hue centre names the class only about half
-the time. Without that cue a tiny model learns the shapes too slowly for a CPU demo (mask AP 1.6 vs
-7.1 after 300 iterations, docs/datasets.md). Objects are painted bottom to top and each annotation is the
+Eight shape classes (`synthetic_shapes.SHAPE_CLASSES`), told apart by shape and by hue: each class
+has its own hue band (centre k/8 on the hue circle, Gaussian spread 0.02; saturation, value and
+shading random, so the colour a model sees still varies a lot). With a weaker cue a tiny model
+learns the classes too slowly for a CPU demo, and its pseudo-labels are mostly wrong (mask AP and
+pseudo-label precision per hue spread in docs/datasets.md). Objects are painted bottom to top and each annotation is the
 visible part of its object. Backgrounds are textured (gradients, low-frequency noise, stripes,
 checkers) with distractor clutter (thin lines, elongated blobs) and photometric jitter.
 
@@ -36,7 +36,7 @@ _MIN_VISIBLE_AREA = 12  # pixels; smaller visible parts are not annotated, so ne
 _MIN_VISIBLE_FRACTION = 0.5  # an object keeps at least this share of its pixels under later objects
 _MIN_COLOR_DISTANCE = 80.0  # RGB distance between an object and the pixels it covers
 _MAX_SIZE = 80.0  # largest bounding-circle diameter at 128 px
-_HUE_SPREAD = 0.09  # standard deviation of an instance's hue around its class's centre (hue in 0..1)
+_HUE_SPREAD = 0.02  # standard deviation of an instance's hue around its class's centre (hue in 0..1)
 _PARALLEL_FROM = 200  # images per split from which a process pool pays off
 
 
