@@ -73,10 +73,10 @@ class PseudoLabelConfig:
 
 # Defaults that depend on how a model scores its queries. Mask2Former: the reference's softmax
 # threshold, no NMS (its "no object" class removes duplicates). Mask DINO has sigmoid (focal-loss)
-# scores, far lower than a softmax's: the tiny Mask DINO of the demo (mask AP 11.6 with 10 % labels)
-# keeps no query at 0.7; at 0.3 with mask NMS 0.5 its pseudo-labels match what the Mask2Former
-# teacher keeps at 0.7 (about 2.4 per image, ~40 % right). Measured with
-# benchmarks/pseudo_label_quality.py, table in docs/guided_distillation.md.
+# scores, far lower than a softmax's: the demo's tiny Mask DINO teacher (10 % labels, mask AP 15.6)
+# keeps no query at 0.7; at 0.3 with mask NMS 0.5 it keeps 2.3 pseudo-labels per image, 49 % right
+# (the best F1), close to the Mask2Former teacher of the same data at 0.7 (3.0 per image, 53 %).
+# Measured with benchmarks/pseudo_label_quality.py, table in docs/guided_distillation.md.
 ARCH_DEFAULTS = {
     "mask2former": {"score_threshold": 0.7, "nms_iou": 1.0},
     "maskdino": {"score_threshold": 0.3, "nms_iou": 0.5},
