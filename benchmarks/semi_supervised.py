@@ -98,15 +98,16 @@ def mean_std(values: list[float]) -> str:
 def summarize(rows: list[dict], full: list[dict]) -> str:
     """Markdown table: one line per percentage, mean ± std over seeds."""
     lines = ["| labeled | seeds | teacher | student (GD) | EMA teacher | control (same budget, labels only) "
-             "| student - teacher | student - control |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| student - teacher | EMA teacher - teacher | student - control |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for percent in sorted({r["percent"] for r in rows}):
         rs = [r for r in rows if r["percent"] == percent]
         cells = [mean_std([r[k] for r in rs]) for k in ("teacher", "student", "ema_teacher", "control")]
-        gains = [mean_std([r["student"] - r[k] for r in rs]) for k in ("teacher", "control")]
+        gains = [mean_std([r[a] - r[b] for r in rs])
+                 for a, b in (("student", "teacher"), ("ema_teacher", "teacher"), ("student", "control"))]
         lines.append(f"| {percent:g} % | {len(rs)} | " + " | ".join(cells + gains) + " |")
     if full:
-        lines.append(f"| 100 % (upper reference) | {len(full)} | {mean_std([f['full'] for f in full])} | | | | | |")
+        lines.append(f"| 100 % (upper reference) | {len(full)} | {mean_std([f['full'] for f in full])} | | | | | | |")
     return "\n".join(lines)
 
 
