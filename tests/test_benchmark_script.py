@@ -1,29 +1,19 @@
 """Smoke test of benchmarks/mask2former_vs_transformers.py (keeps the script from rotting; times nothing)."""
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import benchmark_script
 
 pytest.importorskip("transformers")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mask2former_vs_transformers.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("mask2former_vs_transformers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("mask2former_vs_transformers") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_tiny_row_report(bench, tmp_path):

@@ -1,28 +1,13 @@
 """The table of benchmarks/semi_supervised.py: means, spreads and paired gains over seeds."""
-import importlib.util
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "semi_supervised.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("semi_supervised_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
+from benchmark_scripts import benchmark_script
 
 
 def test_table_reports_mean_std_and_paired_gains():
-    bench = load_script()
     rows = [{"percent": 10, "teacher": 20.0, "student": 21.0, "ema_teacher": 21.5, "control": 19.0},
             {"percent": 10, "teacher": 24.0, "student": 25.0, "ema_teacher": 24.5, "control": 24.0},
             {"percent": 5, "teacher": 14.0, "student": 13.5, "ema_teacher": 14.5, "control": 14.0}]
-    lines = bench.summarize(rows, [{"full": 33.0}, {"full": 35.0}]).splitlines()
+    with benchmark_script("semi_supervised") as bench:
+        lines = bench.summarize(rows, [{"full": 33.0}, {"full": 35.0}]).splitlines()
     assert lines[2] == "| 5 % | 1 | 14.00 | 13.50 | 14.50 | 14.00 | -0.50 | 0.50 | -0.50 |"
     # seeds differ by 4 AP, but each seed's student is exactly 1 AP above its teacher: gain 1.00 ± 0.00
     assert lines[3] == ("| 10 % | 2 | 22.00 ± 2.83 | 23.00 ± 2.83 | 23.00 ± 2.12 | 21.50 ± 3.54 "
