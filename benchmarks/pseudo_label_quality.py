@@ -78,7 +78,8 @@ def truth_at_mask_resolution(annotations, height: int, width: int, canvas: tuple
 
 
 def measure(weights: str, ann: str, images: str, thresholds: list[float], limit: int,
-            nms_iou: float = 1.0) -> dict[float, Tally]:
+            nms_iou: float = 1.0) -> tuple[dict[float, Tally], int]:
+    """({threshold: counts}, number of images) over the first `limit` images of `ann`."""
     predictor = load(weights, device="cpu")
     model = predictor.model
     records = load_coco_instances(ann, images).records[:limit]
@@ -105,7 +106,7 @@ def measure(weights: str, ann: str, images: str, thresholds: list[float], limit:
                     class_matches[j] = m
             tally.correct += sum(m >= 0 for m in class_matches)
             tally.located += sum(m >= 0 for m in greedy_matches(pseudo.masks[order], truth))
-    return tallies
+    return tallies, len(records)
 
 
 def main() -> None:
@@ -118,8 +119,7 @@ def main() -> None:
     parser.add_argument("--nms-iou", type=float, default=1.0, help="semi.pseudo_labels.nms_iou (default 1 = off)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tallies = measure(args.weights, args.ann, args.images, args.thresholds, args.limit, args.nms_iou)
-    images = min(args.limit, len(load_coco_instances(args.ann, args.images).records))
+    tallies, images = measure(args.weights, args.ann, args.images, args.thresholds, args.limit, args.nms_iou)
     truth = next(iter(tallies.values())).truth / images
     print(f"{images} images, {truth:.2f} ground-truth instances per image; correct = right class and mask IoU >= "
           f"{IOU_MATCH}, one-to-one")
