@@ -12,8 +12,10 @@ markdown table (with the machine and the wall time).
     python benchmarks/semi_supervised.py --out runs/bench_gd                  # 5 % and 10 %, seeds 0 1 2
     python benchmarks/semi_supervised.py --out runs/bench_gd --percents 10 --seeds 0
     python benchmarks/semi_supervised.py --out runs/bench_gd_maskdino --model maskdino --no-full
+    python benchmarks/semi_supervised.py --out runs/bench_gd_md2k --model maskdino --no-full --teacher-iters 2000
 
-Finished runs are reused, so an interrupted benchmark continues where it stopped.
+Finished runs are reused, so an interrupted benchmark continues where it stopped; `OUT/settings.json`
+records the settings, and a later invocation with other settings is refused.
 """
 from __future__ import annotations
 
@@ -89,6 +91,20 @@ def upper_reference(out: Path, settings: DemoSettings, seed: int, device: str | 
     return {"seed": seed, "full": ap["model"], "seconds": seconds}
 
 
+def claim_out_dir(out: Path, settings: DemoSettings) -> None:
+    """Record the settings of the runs in `out`; exit with one line if they were made with others."""
+    record = out / "settings.json"
+    wanted = dataclasses.asdict(settings)
+    if record.is_file():
+        used = json.loads(record.read_text())
+        changed = sorted(k for k in wanted.keys() | used.keys() if wanted.get(k) != used.get(k))
+        if changed:
+            raise SystemExit(f"{record}: the runs here used other settings ({', '.join(changed)}); "
+                             "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(wanted, indent=2))
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -116,12 +132,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--percents", type=float, nargs="+", default=[5, 10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--no-full", action="store_true", help="skip the 100 %-labeled upper reference")
+    parser.add_argument("--no-full", action="store_true", help="skip the 100 %%-labeled upper reference")
     parser.add_argument("--model", choices=["mask2former", "maskdino"], default="mask2former")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick settings (a smoke run)")
+    parser.add_argument("--teacher-iters", type=int, default=None,
+                        help="stage-1 iterations instead of the demo's")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     base = dataclasses.replace(QUICK if args.quick else DEFAULT, model=args.model)
+    if args.teacher_iters is not None:
+        base = dataclasses.replace(base, teacher_iters=args.teacher_iters)
+    claim_out_dir(args.out, base)
     start = time.perf_counter()
     rows, full = [], []
     for seed in args.seeds:

@@ -1,4 +1,5 @@
-"""The table of benchmarks/semi_supervised.py: means, spreads and paired gains over seeds."""
+"""benchmarks/semi_supervised.py: the table (means, spreads, paired gains over seeds) and the guard of its --out."""
+import pytest
 from benchmark_scripts import benchmark_script
 
 
@@ -13,3 +14,12 @@ def test_table_reports_mean_std_and_paired_gains():
     assert lines[3] == ("| 10 % | 2 | 22.00 ± 2.83 | 23.00 ± 2.83 | 23.00 ± 2.12 | 21.50 ± 3.54 "
                         "| 1.00 ± 0.00 | 1.00 ± 0.71 | 1.50 ± 0.71 |")
     assert lines[4].startswith("| 100 % (upper reference) | 2 | 34.00 ± 1.41 |")
+
+
+def test_out_dir_with_runs_of_other_settings_is_refused(tmp_path):
+    with benchmark_script("semi_supervised") as bench:
+        bench.claim_out_dir(tmp_path, bench.DEFAULT)
+        bench.claim_out_dir(tmp_path, bench.DEFAULT)  # same settings: the runs are reused
+        longer = bench.dataclasses.replace(bench.DEFAULT, teacher_iters=2000)
+        with pytest.raises(SystemExit, match=r"settings\.json: the runs here used other settings \(teacher_iters\)"):
+            bench.claim_out_dir(tmp_path, longer)
