@@ -139,3 +139,12 @@ def test_pseudo_labels_give_the_student_the_ground_truth_box_targets():
         losses = student.loss(student(images, sizes, [pseudo, pseudo]), [pseudo, pseudo])
         for term in ("loss_bbox_dn", "loss_giou_dn", "loss_bbox_dn_0", "loss_giou_dn_0"):
             torch.testing.assert_close(losses[term], expected[term])
+
+
+def test_unmatched_weight_reaches_the_loss_of_the_unlabeled_batch_only(data, teacher, tmp_path):
+    trainer = built(md_config(data, teacher, tmp_path / "run", "semi.unmatched_weight=0.25"))
+    calls = []
+    loss = trainer.model.loss
+    trainer.model.loss = lambda outputs, targets, **kwargs: calls.append(kwargs) or loss(outputs, targets, **kwargs)
+    trainer.forward_losses()
+    assert calls == [{}, {"unmatched_weight": 0.25}]  # labeled batch: the reference loss

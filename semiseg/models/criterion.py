@@ -67,14 +67,20 @@ class SetCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
 
     def loss_labels(self, pred_logits: torch.Tensor, targets: Sequence[Instances],
-                    indices: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """pred_logits [B, Q, K+1] -> weighted cross-entropy over all queries."""
+                    indices: list[tuple[torch.Tensor, torch.Tensor]], unmatched_weight: float = 1.0) -> torch.Tensor:
+        """pred_logits [B, Q, K+1] -> weighted cross-entropy over all queries.
+
+        unmatched_weight: multiplies the "no object" class weight (the unmatched queries' target).
+        """
         b, q, _ = pred_logits.shape
         device = pred_logits.device
         target_classes = torch.full((b, q), self.num_classes, dtype=torch.long, device=device)
         for i, (target, (src, tgt)) in enumerate(zip(targets, indices)):
             target_classes[i, src.to(device)] = target.labels.to(device)[tgt.to(device)]
-        return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, self.empty_weight)
+        class_weights = self.empty_weight
+        if unmatched_weight != 1.0:
+            class_weights = torch.cat([class_weights[:-1], class_weights[-1:] * unmatched_weight])
+        return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weights)
 
     def loss_masks(self, pred_masks: torch.Tensor, targets: Sequence[Instances],
                    indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float,
@@ -102,19 +108,22 @@ class SetCriterion(nn.Module):
         logits = point_sample(matched, coords)[:, 0]  # [N, P]
         return sigmoid_bce_loss(logits, labels, num_masks), dice_loss(logits, labels, num_masks)
 
-    def losses_for(self, outputs: dict, targets: Sequence[Instances], num_masks: float, suffix: str = "") -> dict:
+    def losses_for(self, outputs: dict, targets: Sequence[Instances], num_masks: float, suffix: str = "",
+                   unmatched_weight: float = 1.0) -> dict:
         """Weighted loss terms of one prediction set, matched on its own."""
         indices = self.matcher(outputs, targets)
-        loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices)
+        loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices, unmatched_weight)
         loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
         raw = {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
         return {f"{k}{suffix}": v * self.weights[k] for k, v in raw.items()}
 
-    def forward(self, outputs: dict, targets: Sequence[Instances]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: Sequence[Instances], unmatched_weight: float = 1.0
+                ) -> dict[str, torch.Tensor]:
+        """unmatched_weight: scales the classification loss of the queries no target matched."""
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]} images")
         num_masks = average_num_masks(targets, outputs["pred_logits"].device)
-        losses = self.losses_for(outputs, targets, num_masks)
+        losses = self.losses_for(outputs, targets, num_masks, unmatched_weight=unmatched_weight)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self.losses_for(aux, targets, num_masks, suffix=f"_{i}"))
+            losses.update(self.losses_for(aux, targets, num_masks, suffix=f"_{i}", unmatched_weight=unmatched_weight))
         return losses

@@ -148,10 +148,11 @@ class Mask2Former(nn.Module):
         outputs["padded_size"] = (int(x.shape[-2]), int(x.shape[-1]))
         return outputs
 
-    def loss(self, outputs: dict, targets: Sequence[Instances]) -> dict[str, torch.Tensor]:
+    def loss(self, outputs: dict, targets: Sequence[Instances], unmatched_weight: float = 1.0
+             ) -> dict[str, torch.Tensor]:
         """Weighted loss terms (`loss_ce`, `loss_mask`, `loss_dice`, then `_0`.. for the aux outputs)."""
         device = outputs["pred_logits"].device
-        return self.criterion(outputs, [t.to(device) for t in targets])
+        return self.criterion(outputs, [t.to(device) for t in targets], unmatched_weight=unmatched_weight)
 
     @torch.no_grad()
     def predict(self, outputs: dict, image_sizes: Sequence[tuple[int, int]],

@@ -232,11 +232,12 @@ class MaskDINO(nn.Module):
         outputs["padded_size"] = (int(x.shape[-2]), int(x.shape[-1]))
         return outputs
 
-    def loss(self, outputs: dict, targets: Sequence[Instances]) -> dict[str, torch.Tensor]:
+    def loss(self, outputs: dict, targets: Sequence[Instances], unmatched_weight: float = 1.0
+             ) -> dict[str, torch.Tensor]:
         """Weighted loss terms: loss_{ce,mask,dice,bbox,giou} with suffixes "", "_{i}", "_interm",
         "_dn", "_dn_{i}" (5 x (2 * dec_layers + 3) terms with DN "seg")."""
         device = outputs["pred_logits"].device
-        return self.criterion(outputs, [t.to(device) for t in targets])
+        return self.criterion(outputs, [t.to(device) for t in targets], unmatched_weight=unmatched_weight)
 
     @torch.no_grad()
     def predict(self, outputs: dict, image_sizes: Sequence[tuple[int, int]],

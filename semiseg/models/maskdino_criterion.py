@@ -3,7 +3,8 @@
 
 Terms of one prediction set, each normalised by `num_masks` (targets per rank, at least 1):
   loss_ce   sigmoid focal loss (alpha, gamma) over all queries x classes; a query's target row is
-            the one-hot class of its matched object, all zeros when unmatched (no "no object" class)
+            the one-hot class of its matched object, all zeros when unmatched (no "no object" class);
+            the rows of unmatched queries are scaled by `unmatched_weight` (1 = the reference)
   loss_mask point-sampled sigmoid BCE and loss_dice soft dice of matched masks (Mask2Former's)
   loss_bbox L1 of matched normalised cxcywh boxes and loss_giou 1 - GIoU of them
 Sets: the final one (""), every auxiliary one ("_{i}"), the encoder's ("_interm"), all matched with
@@ -32,14 +33,19 @@ Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: float, alpha: float = 0.25,
-                       gamma: float = 2.0) -> torch.Tensor:
-    """logits, targets [B, N, K] -> sum of alpha_t * (1 - p_t)**gamma * BCE over all entries / num_boxes."""
+                       gamma: float = 2.0, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """logits, targets [B, N, K] -> sum of alpha_t * (1 - p_t)**gamma * BCE over all entries / num_boxes.
+
+    row_weights: optional [B, N] factor for each query's K entries.
+    """
     prob = logits.sigmoid()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = bce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    if row_weights is not None:
+        loss = loss * row_weights[..., None]
     return loss.sum() / num_boxes
 
 
@@ -59,6 +65,7 @@ class MaskDINOCriterion(SetCriterion):
     """forward(outputs of `MaskDINODecoder`, targets: B x Instances, points=None) -> weighted losses.
 
     points: optional {tag: SetPoints} with tags "final", "aux{i}", "interm", "dn_final", "dn_aux{i}".
+    unmatched_weight: see `loss_focal` (Guided Distillation lowers it on unlabeled images).
     The matcher should use the focal class cost and the box costs (see `MaskDINO`).
     """
 
@@ -77,12 +84,18 @@ class MaskDINOCriterion(SetCriterion):
         self.dn = dn
 
     def loss_focal(self, pred_logits: torch.Tensor, targets: Sequence[Instances], indices: Indices,
-                   num_masks: float) -> torch.Tensor:
-        """pred_logits [B, N, K] -> focal loss against one-hot rows of the matched labels."""
+                   num_masks: float, unmatched_weight: float = 1.0) -> torch.Tensor:
+        """pred_logits [B, N, K] -> focal loss against one-hot rows of the matched labels
+        (the all-zero rows of unmatched queries scaled by `unmatched_weight`)."""
         onehot = torch.zeros_like(pred_logits, dtype=torch.float32)
         for b, (target, (src, tgt)) in enumerate(zip(targets, indices)):
             onehot[b, src.to(onehot.device), target.labels.to(onehot.device)[tgt.to(onehot.device)]] = 1.0
-        return sigmoid_focal_loss(pred_logits.float(), onehot, num_masks, self.focal_alpha, self.focal_gamma)
+        row_weights = None
+        if unmatched_weight != 1.0:
+            matched = onehot.amax(-1)  # [B, N]: 1 for matched queries
+            row_weights = matched + unmatched_weight * (1 - matched)
+        return sigmoid_focal_loss(pred_logits.float(), onehot, num_masks, self.focal_alpha, self.focal_gamma,
+                                  row_weights)
 
     @staticmethod
     def loss_boxes(pred_boxes: torch.Tensor, target_boxes: Sequence[torch.Tensor], indices: Indices,
@@ -97,9 +110,9 @@ class MaskDINOCriterion(SetCriterion):
 
     def set_losses(self, outputs: Mapping, targets: Sequence[Instances], target_boxes: Sequence[torch.Tensor],
                    indices: Indices, num_masks: float, with_masks: bool = True,
-                   coords: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   coords: torch.Tensor | None = None, unmatched_weight: float = 1.0) -> dict[str, torch.Tensor]:
         """Unweighted terms of one prediction set with a given assignment."""
-        losses = {"loss_ce": self.loss_focal(outputs["pred_logits"], targets, indices, num_masks)}
+        losses = {"loss_ce": self.loss_focal(outputs["pred_logits"], targets, indices, num_masks, unmatched_weight)}
         if with_masks:
             losses["loss_mask"], losses["loss_dice"] = self.loss_masks(
                 outputs["pred_masks"], targets, indices, num_masks, coords=coords)
@@ -110,7 +123,9 @@ class MaskDINOCriterion(SetCriterion):
         return {f"{k}{suffix}": v * self.weights[k] for k, v in losses.items()}
 
     def forward(self, outputs: Mapping, targets: Sequence[Instances],
-                points: Mapping[str, SetPoints] | None = None) -> dict[str, torch.Tensor]:
+                points: Mapping[str, SetPoints] | None = None, unmatched_weight: float = 1.0
+                ) -> dict[str, torch.Tensor]:
+        """unmatched_weight: scales the focal rows of the matched sets' unmatched queries (DN sets have none)."""
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]} images")
         points = points or {}
@@ -126,7 +141,8 @@ class MaskDINOCriterion(SetCriterion):
         for suffix, tag, out in matched:
             set_points = points.get(tag, SetPoints())
             indices = self.matcher(out, targets, coords=set_points.matcher)
-            raw = self.set_losses(out, targets, target_boxes, indices, num_masks, coords=set_points.loss)
+            raw = self.set_losses(out, targets, target_boxes, indices, num_masks, coords=set_points.loss,
+                                  unmatched_weight=unmatched_weight)
             losses.update(self.weighted(raw, suffix))
         if self.dn != "no":
             losses.update(self.denoising_losses(outputs, targets, target_boxes, num_masks, points))
