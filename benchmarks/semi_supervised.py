@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from semiseg.config import Config, apply_overrides
-from semiseg.demo import (DEFAULT, QUICK, DemoSettings, base_overrides, run_pipeline, student_overrides,
+from semiseg.demo import (DemoSettings, base_overrides, default_settings, run_pipeline, student_overrides,
                           teacher_overrides)
 from semiseg.engine.train import train
 
@@ -139,7 +139,7 @@ def main() -> None:
                         help="stage-1 iterations instead of the demo's")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
-    base = dataclasses.replace(QUICK if args.quick else DEFAULT, model=args.model)
+    base = default_settings(args.model, args.quick)
     if args.teacher_iters is not None:
         base = dataclasses.replace(base, teacher_iters=args.teacher_iters)
     claim_out_dir(args.out, base)

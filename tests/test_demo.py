@@ -1,10 +1,11 @@
 """`semiseg demo --quick`: the whole pipeline end to end, its outputs, and its refusals."""
+import dataclasses
 import json
 
 import pytest
 
 from semiseg.cli import main
-from semiseg.demo import QUICK, format_table, run_demo
+from semiseg.demo import DEFAULT, QUICK, default_settings, format_table, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +53,9 @@ def test_unknown_demo_model_is_a_clear_error(tmp_path, capsys):
         main(["demo", "--quick", "--model", "yolo", "--out", str(tmp_path / "x")])
     assert "invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_maskdino_demo_trains_its_slower_teacher_longer():
+    assert default_settings("mask2former") == DEFAULT
+    assert default_settings("maskdino") == dataclasses.replace(DEFAULT, model="maskdino", teacher_iters=2000)
+    assert default_settings("maskdino", quick=True) == dataclasses.replace(QUICK, model="maskdino")

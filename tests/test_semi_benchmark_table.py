@@ -18,8 +18,9 @@ def test_table_reports_mean_std_and_paired_gains():
 
 def test_out_dir_with_runs_of_other_settings_is_refused(tmp_path):
     with benchmark_script("semi_supervised") as bench:
-        bench.claim_out_dir(tmp_path, bench.DEFAULT)
-        bench.claim_out_dir(tmp_path, bench.DEFAULT)  # same settings: the runs are reused
-        longer = bench.dataclasses.replace(bench.DEFAULT, teacher_iters=2000)
+        settings = bench.default_settings("maskdino")
+        bench.claim_out_dir(tmp_path, settings)
+        bench.claim_out_dir(tmp_path, settings)  # same settings: the runs are reused
+        shorter = bench.dataclasses.replace(settings, teacher_iters=1000)
         with pytest.raises(SystemExit, match=r"settings\.json: the runs here used other settings \(teacher_iters\)"):
-            bench.claim_out_dir(tmp_path, longer)
+            bench.claim_out_dir(tmp_path, shorter)
