@@ -65,7 +65,7 @@ class MaskDINOCriterion(SetCriterion):
     """forward(outputs of `MaskDINODecoder`, targets: B x Instances, points=None) -> weighted losses.
 
     points: optional {tag: SetPoints} with tags "final", "aux{i}", "interm", "dn_final", "dn_aux{i}".
-    unmatched_weight: see `loss_focal` (Guided Distillation lowers it on unlabeled images).
+    unmatched_weight: see `loss_focal` (Guided Distillation passes `semi.unmatched_weight` for unlabeled images).
     The matcher should use the focal class cost and the box costs (see `MaskDINO`).
     """
 
