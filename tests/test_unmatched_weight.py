@@ -1,5 +1,5 @@
 """`unmatched_weight`: the classification loss of queries that no target matched, scaled (Guided
-Distillation's unlabeled images), checked by hand for both criteria; and its config defaults."""
+Distillation's unlabeled images), checked by hand for both criteria; and its config value."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,6 @@ from semiseg.errors import ConfigError
 from semiseg.models.criterion import SetCriterion
 from semiseg.models.maskdino_criterion import MaskDINOCriterion
 from semiseg.models.matcher import HungarianMatcher
-from semiseg.semi.config import ARCH_DEFAULTS
 from semiseg.structures import Instances
 
 ALPHA, GAMMA = 0.25, 2.0
@@ -63,11 +62,8 @@ def test_mask2former_cross_entropy_scales_the_no_object_weight():
     assert torch.equal(criterion.loss_labels(logits, targets, indices), criterion.loss_labels(logits, targets, indices, 1.0))
 
 
-def test_unmatched_weight_defaults_by_model_and_explicit_values_win():
-    cfg = Config()
-    assert [cfg.semi.unmatched_weight_for(arch) for arch in ("mask2former", "maskdino")] == [
-        ARCH_DEFAULTS["mask2former"]["unmatched_weight"], ARCH_DEFAULTS["maskdino"]["unmatched_weight"]]
-    assert ARCH_DEFAULTS["mask2former"]["unmatched_weight"] == 1.0  # the reference
-    assert apply_overrides(cfg, ["semi.unmatched_weight=0.25"]).semi.unmatched_weight_for("maskdino") == 0.25
+def test_unmatched_weight_defaults_to_the_reference_and_rejects_negative_values():
+    assert Config().semi.unmatched_weight == 1.0
+    assert apply_overrides(Config(), ["semi.unmatched_weight=0.25"]).semi.unmatched_weight == 0.25
     with pytest.raises(ConfigError, match="unmatched_weight=-1"):
-        apply_overrides(cfg, ["semi.unmatched_weight=-1"])
+        apply_overrides(Config(), ["semi.unmatched_weight=-1"])

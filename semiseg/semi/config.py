@@ -7,7 +7,7 @@
       burn_in_iter: 50000            # teacher <- student copy at this iteration, EMA after it
       ema_decay: 0.9996
       unsup_loss_weight: 2.0         # L = L_sup + 2.0 * L_unsup (0: labeled data only, a control)
-      unmatched_weight: null         # unlabeled images: scale of the class loss of queries no pseudo-label matched; by model
+      unmatched_weight: 1.0          # unlabeled images: scale of the class loss of queries no pseudo-label matched
       labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
       eval_who: student              # student | teacher | both
       pseudo_labels: {min_area: 5.0, mask_threshold: 0.5, box_source: mask}  # score_threshold, nms_iou: by model
@@ -79,8 +79,8 @@ class PseudoLabelConfig:
 # (the best F1), close to the Mask2Former teacher of the same data at 0.7 (3.0 per image, 53 %).
 # Measured with benchmarks/pseudo_label_quality.py, table in docs/guided_distillation.md.
 ARCH_DEFAULTS = {
-    "mask2former": {"score_threshold": 0.7, "nms_iou": 1.0, "unmatched_weight": 1.0},
-    "maskdino": {"score_threshold": 0.3, "nms_iou": 0.5, "unmatched_weight": 1.0},
+    "mask2former": {"score_threshold": 0.7, "nms_iou": 1.0},
+    "maskdino": {"score_threshold": 0.3, "nms_iou": 0.5},
 }
 
 
@@ -96,7 +96,7 @@ class SemiConfig:
     unsup_loss_weight: float = 2.0
     labeled_sampler: Literal["repeat_factor", "uniform"] = "repeat_factor"
     eval_who: Literal["student", "teacher", "both"] = "student"
-    unmatched_weight: float | None = None
+    unmatched_weight: float = 1.0
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
     def __post_init__(self) -> None:
@@ -106,11 +106,5 @@ class SemiConfig:
             raise ConfigError(f"ema_decay={self.ema_decay}: expected a value in [0, 1)")
         if self.unsup_loss_weight < 0:
             raise ConfigError(f"unsup_loss_weight={self.unsup_loss_weight}: expected >= 0")
-        if self.unmatched_weight is not None and self.unmatched_weight < 0:
+        if self.unmatched_weight < 0:
             raise ConfigError(f"unmatched_weight={self.unmatched_weight}: expected >= 0")
-
-    def unmatched_weight_for(self, arch: str) -> float:
-        """On unlabeled images, the factor of the classification loss of the student's queries that no
-        pseudo-label matched (Mask2Former: its "no object" weight; Mask DINO: its all-zero focal rows).
-        Unset: `ARCH_DEFAULTS[arch]`."""
-        return ARCH_DEFAULTS[arch]["unmatched_weight"] if self.unmatched_weight is None else self.unmatched_weight

@@ -101,7 +101,6 @@ class GuidedDistillationTrainer(Trainer):
         super().__init__(cfg, student, streams, run, device, info, evaluate)
         self.teacher = freeze(teacher)
         self.pseudo_labeler = pseudo_labeler or cfg.semi.pseudo_labels.build_filter(cfg.model.arch)
-        self.unmatched_weight = cfg.semi.unmatched_weight_for(cfg.model.arch)
         self.pseudo_label_count = 0  # pseudo-instances made since the last log line
         self.pseudo_label_images = 0
 
@@ -155,7 +154,8 @@ class GuidedDistillationTrainer(Trainer):
         outputs = self.ddp_model(unlabeled.strong, unlabeled.image_sizes, pseudo_labels)
         weight = unsupervised_weight(pseudo_labels, self.cfg.semi.unsup_loss_weight,
                                      self.cfg.semi.pseudo_labels.score_weighted_loss)
-        for name, value in self.model.loss(outputs, pseudo_labels, unmatched_weight=self.unmatched_weight).items():
+        for name, value in self.model.loss(outputs, pseudo_labels,
+                                           unmatched_weight=self.cfg.semi.unmatched_weight).items():
             losses[name + UNSUP_SUFFIX] = value * weight
         return losses
 
