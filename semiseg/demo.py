@@ -7,7 +7,8 @@
    (ground truth | teacher | student) and write every number to `results.json`.
 
 The model is the tiny Mask2Former of `configs/synthetic_mask2former_tiny.yaml` (`--model maskdino`:
-the tiny Mask DINO of `configs/synthetic_maskdino_tiny.yaml`), trained from scratch. docs/guided_distillation.md reports what the demo and its benchmark measured.
+the tiny Mask DINO of `configs/synthetic_maskdino_tiny.yaml`), trained from scratch.
+docs/guided_distillation.md reports what the demo and its benchmark measured.
 """
 from __future__ import annotations
 
