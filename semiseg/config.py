@@ -30,6 +30,7 @@ from semiseg.evaluation import IOU_TYPES, SUMMARY_KEYS
 from semiseg.models.backbones import BackboneConfig
 from semiseg.models.mask2former import Mask2FormerConfig
 from semiseg.models.maskdino import MaskDINOConfig
+from semiseg.models.weights import SHIPPED_PREFIX
 from semiseg.semi.config import SemiConfig
 
 
@@ -403,6 +404,8 @@ def _convert(tp: Any, value: Any, current: Any, key: str, ctx: _Context) -> Any:
         text = raw.text if isinstance(raw, _Override) else value
         if not isinstance(text, str) or not text:
             raise ctx.error(key, f"expected a path, got {value!r}")
+        if text.startswith(SHIPPED_PREFIX):  # weights shipped with the package: a name, not a path
+            return Path(text)
         path = Path(text).expanduser()
         return path if path.is_absolute() or ctx.base_dir is None else (ctx.base_dir / path).resolve()
     if origin in (list, tuple):

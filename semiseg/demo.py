@@ -3,17 +3,23 @@
 1. write the synthetic dataset (`semiseg synth`) and draw a labeled split (`semiseg split`);
 2. stage 1: train the teacher on the labeled images only (`semiseg train`);
 3. stage 2: train the student with Guided Distillation, the other training images unlabeled;
-4. print teacher and student mask AP on the validation images, save overlays of a few of them
-   (ground truth | teacher | student) and write every number to `results.json`.
+4. meanwhile, in a second process, the 100 % reference: the same model on all the labels, for
+   the teacher's + the student's iterations, so the demo can say how much of the teacher -> 100 %
+   gap the unlabeled images closed;
+5. print teacher, student and reference mask AP on the validation images, save overlays of a few
+   of them (ground truth | teacher | student) and write every number to `results.json`.
 
 The model is the tiny Mask2Former of `configs/synthetic_mask2former_tiny.yaml` (`--model maskdino`:
-the tiny Mask DINO of `configs/synthetic_maskdino_tiny.yaml`), trained from scratch.
+the tiny Mask DINO of `configs/synthetic_maskdino_tiny.yaml`) on the shipped pretrained tiny
+ResNet (`semiseg:tiny_resnet_pretext`, docs/pretrained.md). `run_pipeline(..., dataset=...)` runs
+the same pipeline on any COCO dataset (benchmarks/semi_supervised.py --ann).
 docs/guided_distillation.md reports what the demo and its benchmark measured.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import platform
 import time
 from dataclasses import dataclass
@@ -28,16 +34,19 @@ from semiseg.engine.checkpoint import atomic_write
 from semiseg.errors import ConfigError
 from semiseg.structures import Instances
 
+PRETRAINED = "semiseg:tiny_resnet_pretext"  # shipped with the package (docs/pretrained.md)
 MODELS = {  # the tiny models of configs/synthetic_{mask2former,maskdino}_tiny.yaml
     "mask2former": [
-        "model.arch=mask2former", "model.backbone.name=tiny_resnet", "model.mask2former.hidden_dim=64",
+        "model.arch=mask2former", "model.backbone.name=tiny_resnet", f"model.backbone.weights={PRETRAINED}",
+        "model.mask2former.hidden_dim=64",
         "model.mask2former.num_queries=20", "model.mask2former.nheads=4", "model.mask2former.dim_feedforward=128",
         "model.mask2former.dec_layers=4", "model.mask2former.enc_layers=2", "model.mask2former.enc_dim_feedforward=128",
         "model.mask2former.conv_dim=64", "model.mask2former.mask_dim=64", "model.mask2former.train_num_points=1024",
         "model.mask2former.test_topk=50",
     ],
     "maskdino": [
-        "model.arch=maskdino", "model.backbone.name=tiny_resnet", "model.maskdino.hidden_dim=64",
+        "model.arch=maskdino", "model.backbone.name=tiny_resnet", f"model.backbone.weights={PRETRAINED}",
+        "model.maskdino.hidden_dim=64",
         "model.maskdino.num_queries=20", "model.maskdino.nheads=4", "model.maskdino.dec_nheads=4",
         "model.maskdino.dim_feedforward=128", "model.maskdino.dec_layers=3", "model.maskdino.enc_layers=2",
         "model.maskdino.enc_dim_feedforward=128", "model.maskdino.conv_dim=64", "model.maskdino.mask_dim=64",
@@ -101,8 +110,15 @@ def default_settings(model: str = "mask2former", quick: bool = False) -> DemoSet
     return settings
 
 
-def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """The demo with explicit `settings` (`run_demo` takes `default_settings`)."""
+def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = None, seed: int = 0,
+                 dataset: dict[str, Path] | None = None, reference_dir: Path | None = None) -> dict[str, Any]:
+    """The demo with explicit `settings` (`run_demo` takes `default_settings`).
+
+    dataset:       a COCO dataset to use instead of writing the built-in one: paths under the keys
+                   "train_ann", "train_images", "val_ann", "val_images" (its train split is drawn with `seed`)
+    reference_dir: where the 100 % reference trains (default `out_dir/reference`); a finished run
+                   there is reused, so runs of several labeled shares can share one
+    """
     from semiseg.data.splits import write_splits
     from semiseg.data.synthetic import write_synthetic_dataset
     from semiseg.engine.train import train
@@ -111,16 +127,24 @@ def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = Non
         raise ConfigError(f"semiseg demo --model {settings.model}: expected one of {', '.join(MODELS)}")
     _claim(out_dir)
     start = time.perf_counter()
-    _stage(1, f"the built-in dataset: {settings.num_train} training + {settings.num_val} validation images, "
-              f"{settings.percent:g} % of the training images labeled")
-    data = write_synthetic_dataset(out_dir / "data", num_train=settings.num_train, num_val=settings.num_val,
-                                   seed=seed, image_size=settings.image_size)
+    if dataset is None:
+        _stage(1, f"the built-in dataset: {settings.num_train} training + {settings.num_val} validation images, "
+                  f"{settings.percent:g} % of the training images labeled")
+        data = write_synthetic_dataset(out_dir / "data", num_train=settings.num_train, num_val=settings.num_val,
+                                       seed=seed, image_size=settings.image_size)
+    else:
+        _stage(1, f"dataset {dataset['train_ann']}: {settings.percent:g} % of the training images labeled")
+        data = dataset
     (labeled,) = write_splits(data["train_ann"], [settings.percent], seed=seed, out_dir=out_dir / "splits",
                               write_unlabeled=True)
     unlabeled = labeled.with_name(labeled.stem + "_unlabeled.json")
     common = base_overrides(settings, data, labeled, device, seed)
+    reference_dir = reference_dir or out_dir / "reference"
+    reference = start_reference(base_overrides(settings, data, data["train_ann"], device, seed)
+                                + reference_overrides(settings, reference_dir), reference_dir)
 
-    _stage(2, f"teacher: supervised on the labeled images, {settings.teacher_iters} iterations")
+    _stage(2, f"teacher: supervised on the labeled images, {settings.teacher_iters} iterations "
+              f"(the 100 % reference trains meanwhile in a second process, log: {reference_dir / 'console.txt'})")
     teacher_run = train(apply_overrides(Config(), common + teacher_overrides(settings, out_dir / "teacher")))
     teacher_weights = teacher_run / "checkpoints" / "last"
 
@@ -129,17 +153,24 @@ def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = Non
     student_run = train(apply_overrides(Config(), common + student_overrides(
         settings, out_dir / "student", teacher_weights, unlabeled, data["train_images"])))
 
-    _stage(4, "results")
+    _stage(4, "the 100 % reference: waiting for it to finish")
+    finish_reference(reference, reference_dir)
+
+    _stage(5, "results")
     teacher = _final_evaluation(teacher_run)["model"]
     final = _final_evaluation(student_run)
+    full = _final_evaluation(reference_dir)["model"]
     overlays = save_overlays(out_dir / "overlays", data, teacher_weights, student_run / "checkpoints" / "last",
                              settings.num_overlays, device)
+    gain = final["student"]["segm"]["AP"] - teacher["segm"]["AP"]
+    gap = full["segm"]["AP"] - teacher["segm"]["AP"]
     results = {
         "model": settings.model, "seed": seed, "settings": dataclasses.asdict(settings),
+        "dataset": {k: str(v) for k, v in data.items()},
         "labeled_images": _count_images(labeled), "unlabeled_images": _count_images(unlabeled),
         "teacher": _summary(teacher), "student": _summary(final["student"]),
-        "ema_teacher": _summary(final["teacher"]),
-        "gain": final["student"]["segm"]["AP"] - teacher["segm"]["AP"],
+        "ema_teacher": _summary(final["teacher"]), "full": _summary(full),
+        "gain": gain, "gap_closed": gain / gap if gap > 0 else None,
         "overlays": [str(p.relative_to(out_dir)) for p in overlays],
         "device": str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -152,6 +183,48 @@ def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = Non
     return results
 
 
+def start_reference(overrides: list[str], run_dir: Path) -> multiprocessing.Process | None:
+    """Train the 100 % reference in a second process (console output in `run_dir/console.txt`); None when
+    `run_dir` already holds a finished run."""
+    if _has_evaluation(run_dir):
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    process = multiprocessing.get_context("spawn").Process(
+        target=_train_logged, args=(overrides + [f"train.output_dir={run_dir}", "train.overwrite=true"],
+                                    run_dir / "console.txt"), daemon=True)
+    process.start()
+    return process
+
+
+def finish_reference(process: multiprocessing.Process | None, run_dir: Path) -> None:
+    """Wait for `start_reference`'s process; a failure raises with the log's last line."""
+    if process is not None:
+        process.join()
+    if not _has_evaluation(run_dir):
+        lines = (run_dir / "console.txt").read_text(errors="replace").strip().splitlines() or ["(empty log)"]
+        raise ConfigError(f"{run_dir / 'console.txt'}: the 100 % reference training failed: {lines[-1]}")
+
+
+def _train_logged(overrides: list[str], log: Path) -> None:
+    """`train` with stdout and stderr going to `log` (runs in the reference's process)."""
+    import sys
+
+    from semiseg.engine.train import train
+
+    with open(log, "w", buffering=1) as stream:
+        sys.stdout = sys.stderr = stream
+        try:
+            train(apply_overrides(Config(), overrides))
+        except Exception as error:  # noqa: BLE001 - reported by finish_reference from the log
+            print(f"{type(error).__name__}: {error}", flush=True)
+            raise SystemExit(1) from None
+
+
+def _has_evaluation(run: Path) -> bool:
+    metrics = run / "metrics.jsonl"
+    return metrics.is_file() and '"eval"' in metrics.read_text()
+
+
 def _claim(out_dir: Path) -> None:
     """Refuse an existing non-empty output folder: a demo never overwrites earlier results."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -161,7 +234,7 @@ def _claim(out_dir: Path) -> None:
 
 
 def _stage(number: int, text: str) -> None:
-    print(f"\n[{number}/4] {text}", flush=True)
+    print(f"\n[{number}/5] {text}", flush=True)
 
 
 def base_overrides(settings: DemoSettings, data: dict[str, Path], labeled: Path, device: str | None,
@@ -173,8 +246,6 @@ def base_overrides(settings: DemoSettings, data: dict[str, Path], labeled: Path,
         f"data.val_ann={data['val_ann']}", f"data.val_images={data['val_images']}",
         "data.augmentation.kind=lsj", f"data.augmentation.image_size={size}", "data.augmentation.min_scale=0.8",
         "data.augmentation.max_scale=1.25", f"data.augmentation.test_short_edge={size}",
-        # the strong view keeps the hue, which tells the built-in dataset's classes apart
-        "data.augmentation.strong_hue=0.0", "data.augmentation.strong_grayscale_p=0.0",
         f"data.augmentation.test_max_size={size}", f"data.batch_size={settings.batch_size}",
         f"data.num_workers={settings.num_workers}", "solver.backbone_lr_mult=1.0",
         "solver.amp=none", f"train.device={device or 'auto'}", f"train.seed={seed}",
@@ -187,6 +258,12 @@ def teacher_overrides(settings: DemoSettings, output_dir: Path) -> list[str]:
     return _schedule(settings.teacher_iters, settings.teacher_lr) + [
         f"train.output_dir={output_dir}", f"solver.warmup_iters={min(50, settings.teacher_iters // 10)}",
         "solver.warmup_factor=0.01"]
+
+
+def reference_overrides(settings: DemoSettings, output_dir: Path) -> list[str]:
+    """The 100 % reference: stage 1's recipe on all the labels, for the teacher's + the student's iterations."""
+    budget = dataclasses.replace(settings, teacher_iters=settings.teacher_iters + settings.student_iters)
+    return teacher_overrides(budget, output_dir)
 
 
 def student_overrides(settings: DemoSettings, output_dir: Path, teacher_weights: Path, unlabeled: Path,
@@ -221,14 +298,19 @@ def _summary(metrics: dict) -> dict[str, float]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The demo's summary: teacher, student and gain in mask AP (COCO, %)."""
+    """The demo's summary: teacher, student, reference, the gain and the share of the gap it closed (mask AP, %)."""
     rows = [(f"teacher ({results['labeled_images']} labeled images)", results["teacher"]),
             (f"student (Guided Distillation, +{results['unlabeled_images']} unlabeled)", results["student"]),
-            ("EMA teacher at the end of stage 2", results["ema_teacher"])]
+            ("EMA teacher at the end of stage 2", results["ema_teacher"]),
+            (f"100 % reference (all {results['labeled_images'] + results['unlabeled_images']} images labeled)",
+             results["full"])]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'':{width}}  mask AP   AP50   AP75"]
     lines += [f"{name:{width}}  {m['mask_AP']:7.2f} {m['mask_AP50']:6.2f} {m['mask_AP75']:6.2f}" for name, m in rows]
-    lines.append(f"{'gain (student - teacher)':{width}}  {results['gain']:+7.2f}")
+    closed = results["gap_closed"]
+    share = "n/a (the reference is not above the teacher)" if closed is None else f"{100 * closed:.0f} %"
+    lines.append(f"{'gain (student - teacher)':{width}}  {results['gain']:+7.2f}   closes {share} of the "
+                 "teacher -> 100 % gap")
     return "\n".join(lines)
 
 

@@ -1,11 +1,14 @@
 """`semiseg demo --quick`: the whole pipeline end to end, its outputs, and its refusals."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from semiseg.cli import main
-from semiseg.demo import DEFAULT, QUICK, default_settings, format_table, run_demo
+from semiseg.demo import DEFAULT, QUICK, default_settings, finish_reference, format_table, run_demo
+from semiseg.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +22,15 @@ def test_quick_demo_runs_the_pipeline_and_writes_results(demo):
     assert json.loads((out / "results.json").read_text()) == results
     assert results["labeled_images"] == QUICK.num_train * QUICK.percent // 100
     assert results["labeled_images"] + results["unlabeled_images"] == QUICK.num_train
-    for model in ("teacher", "student", "ema_teacher"):
+    for model in ("teacher", "student", "ema_teacher", "full"):
         assert 0.0 <= results[model]["mask_AP"] <= 100.0
     assert results["gain"] == pytest.approx(results["student"]["mask_AP"] - results["teacher"]["mask_AP"])
+    gap = results["full"]["mask_AP"] - results["teacher"]["mask_AP"]
+    assert results["gap_closed"] == (pytest.approx(results["gain"] / gap) if gap > 0 else None)
+    reference = yaml.safe_load((out / "reference" / "config.yaml").read_text())  # all labels, both stages' budget
+    assert Path(reference["data"]["train_ann"]) == out / "data" / "annotations" / "instances_train.json"
+    assert reference["solver"]["max_iter"] == QUICK.teacher_iters + QUICK.student_iters
+    assert (out / "reference" / "console.txt").is_file()
     assert len(results["overlays"]) == QUICK.num_overlays and all((out / p).is_file() for p in results["overlays"])
     assert (out / "teacher" / "checkpoints" / "last" / "model.safetensors").is_file()
     assert {p.name for p in (out / "student" / "checkpoints" / "last").glob("*.safetensors")} == \
@@ -30,6 +39,7 @@ def test_quick_demo_runs_the_pipeline_and_writes_results(demo):
     assert any("loss_ce_unsup" in r for r in student_log)
     table = format_table(results)
     assert "teacher (4 labeled images)" in table and f"{results['gain']:+7.2f}" in table
+    assert "100 % reference (all 40 images labeled)" in table and "of the teacher -> 100 % gap" in table
 
 
 def test_existing_output_folder_is_never_overwritten(demo, capsys):
@@ -46,6 +56,14 @@ def test_quick_maskdino_demo_runs_guided_distillation_with_boxes(tmp_path):
     assert 0.0 <= results["student"]["mask_AP"] <= 100.0
     student_log = [json.loads(line) for line in (tmp_path / "md" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_bbox_unsup" in r for r in student_log)
+
+
+def test_failed_reference_training_is_one_line_naming_its_log(tmp_path):
+    run = tmp_path / "reference"
+    run.mkdir()
+    (run / "console.txt").write_text("train: 3/30\nDataError: x.json: no images\n")
+    with pytest.raises(ConfigError, match=r"console.txt: the 100 % reference training failed: DataError: x.json"):
+        finish_reference(None, run)
 
 
 def test_unknown_demo_model_is_a_clear_error(tmp_path, capsys):

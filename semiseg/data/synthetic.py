@@ -1,11 +1,9 @@
 """The built-in synthetic dataset: shapes on cluttered backgrounds, written as a COCO dataset.
 
-Eight shape classes (`synthetic_shapes.SHAPE_CLASSES`), told apart by shape and by hue: each class
-has its own hue band (centre k/8 on the hue circle, Gaussian spread 0.02; saturation, value and
-shading random, so the colour a model sees still varies a lot). With a weaker cue a tiny model
-learns the classes too slowly for a CPU demo, and its pseudo-labels are mostly wrong (mask AP and
-pseudo-label precision per hue spread in docs/datasets.md). Objects are painted bottom to top and each annotation is the
-visible part of its object. Backgrounds are textured (gradients, low-frequency noise, stripes,
+Eight shape classes (`synthetic_shapes.SHAPE_CLASSES`), told apart by shape only: every object's
+colour (hue, saturation, value, shading) is drawn independently of its class, so no colour cue
+gives a class away. Objects are painted bottom to top and each annotation is the visible part of
+its object. Backgrounds are textured (gradients, low-frequency noise, stripes,
 checkers) with distractor clutter (thin lines, elongated blobs) and photometric jitter.
 
 Every image is drawn from its own `numpy.random.default_rng([seed, split_index, image_id])`, so a
@@ -26,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from semiseg.data.masks import encode_rle
-from semiseg.data.synthetic_shapes import SHAPE_CLASSES, Shape, ShapeClass, make_shape
+from semiseg.data.synthetic_shapes import SHAPE_CLASSES, Shape, make_shape
 from semiseg.errors import ConfigError, DataError
 
 CATEGORIES = [{"id": c.category_id, "name": c.name, "supercategory": "shape"} for c in SHAPE_CLASSES]
@@ -36,7 +34,6 @@ _MIN_VISIBLE_AREA = 12  # pixels; smaller visible parts are not annotated, so ne
 _MIN_VISIBLE_FRACTION = 0.5  # an object keeps at least this share of its pixels under later objects
 _MIN_COLOR_DISTANCE = 80.0  # RGB distance between an object and the pixels it covers
 _MAX_SIZE = 80.0  # largest bounding-circle diameter at 128 px
-_HUE_SPREAD = 0.02  # standard deviation of an instance's hue around its class's centre (hue in 0..1)
 _PARALLEL_FROM = 200  # images per split from which a process pool pays off
 
 
@@ -248,7 +245,7 @@ def _place_object(rng: np.random.Generator, canvas: np.ndarray, placed: list[_Pl
         shape = make_shape(shape_class, rng, (center[0], center[1]), diameter, rng.uniform(0, 2 * np.pi))
         mask = shape.rasterize(size, size)
         if mask.sum() >= _MIN_VISIBLE_AREA and _occlusion_ok(mask, placed):
-            _paint_object(rng, canvas, mask, shape_class)
+            _paint_object(rng, canvas, mask)
             _add_on_top(placed, _Placed(shape.category_id, mask, mask.copy(), shape))
             return
 
@@ -264,7 +261,7 @@ def _place_crowd(rng: np.random.Generator, canvas: np.ndarray, placed: list[_Pla
         center = np.clip(middle + rng.normal(0, 0.07 * size, 2), 0, size)
         shape = make_shape(shape_class, rng, (center[0], center[1]), diameter, rng.uniform(0, 2 * np.pi))
         mask = shape.rasterize(size, size)
-        _paint_object(rng, canvas, mask, shape_class)
+        _paint_object(rng, canvas, mask)
         region |= mask
     placed.append(_Placed(shape_class.category_id, region, region.copy(), None))
 
@@ -284,14 +281,13 @@ def _add_on_top(placed: list[_Placed], new: _Placed) -> None:
     placed.append(new)
 
 
-def _paint_object(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, shape_class: ShapeClass) -> None:
-    """Fill `mask` with a colour from the class's hue band, far from what it covers, softly shaded."""
+def _paint_object(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray) -> None:
+    """Fill `mask` with a random colour (any hue, whatever the class), far from what it covers, softly shaded."""
     if not mask.any():
         return
     under = canvas[mask].mean(axis=0)
-    hue_centre = SHAPE_CLASSES.index(shape_class) / len(SHAPE_CLASSES)
     for _ in range(20):
-        hue = (hue_centre + rng.normal(0, _HUE_SPREAD)) % 1.0
+        hue = rng.random()
         color = 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.35, 1.0)))
         if np.linalg.norm(color - under) >= _MIN_COLOR_DISTANCE:
             break

@@ -6,6 +6,10 @@
 - `.safetensors`: safetensors.
 Wrappers such as `{"model": ...}` or `{"state_dict": ...}` are unwrapped. Every problem raises a
 one-line `CheckpointError` naming the file.
+
+Weights shipped with the package are named `semiseg:NAME` (e.g. `semiseg:tiny_resnet_pretext`,
+the tiny ResNet pretrained on procedural pretext images; docs/pretrained.md) wherever a weights
+path is accepted; `SHIPPED_WEIGHTS` lists them.
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ _ALLOWED_PICKLE_GLOBALS = {
     ("_codecs", "encode"),
 }
 _WRAPPER_KEYS = ("model", "state_dict")
+SHIPPED_PREFIX = "semiseg:"
+_SHIPPED_DIR = Path(__file__).resolve().parent / "backbones" / "pretrained"
+SHIPPED_WEIGHTS = {"tiny_resnet_pretext": _SHIPPED_DIR / "tiny_resnet_pretext.safetensors"}
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -103,7 +110,7 @@ def _as_tensor(key: str, value: object, path: Path) -> torch.Tensor:
 
 def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file into a flat `{name: tensor}` dict on the CPU (see the module docstring)."""
-    path = Path(path)
+    path = resolve_shipped(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
     with open(path, "rb") as f:
@@ -116,6 +123,18 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = _read_torch_file(path)
     weights = _unwrap(obj, path)
     return {str(k): _as_tensor(str(k), v, path) for k, v in weights.items()}
+
+
+def resolve_shipped(path: str | Path) -> Path:
+    """The file of shipped weights `semiseg:NAME`; any other path unchanged."""
+    text = str(path)
+    if not text.startswith(SHIPPED_PREFIX):
+        return Path(path)
+    name = text[len(SHIPPED_PREFIX):]
+    if name not in SHIPPED_WEIGHTS:
+        raise CheckpointError(f"{text}: semiseg ships no weights named {name!r}; choose one of "
+                              f"{', '.join(SHIPPED_PREFIX + n for n in SHIPPED_WEIGHTS)}")
+    return SHIPPED_WEIGHTS[name]
 
 
 def save_safetensors_atomic(state_dict: Mapping[str, torch.Tensor], path: str | Path,

@@ -33,7 +33,8 @@ class BackboneConfig:
                       resnet50/101 (pretrained statistics kept, detectron2's default) and "bn" for
                       tiny_resnet (trained from scratch). A randomly initialised FrozenBN ResNet
                       has identity norms: give it weights or use "bn".
-    weights:          local weights file (.pkl / .pth / .safetensors); None = random init
+    weights:          local weights file (.pkl / .pth / .safetensors), or `semiseg:tiny_resnet_pretext`
+                      (shipped, tiny_resnet only; docs/pretrained.md); None = random init
     freeze_at:        detectron2's FREEZE_AT: 0 = nothing frozen, 1 = stem, k = stem + res2..res{k}
                       (Swin: patch embedding + first k-1 stages; ViT: k >= 2 freezes the whole ViT)
     stride_in_1x1:    ResNet-50/101 only: stride in the first 1x1 conv (MSRA weights) instead of

@@ -1,0 +1,72 @@
+"""The tiny ResNet weights shipped with the package: they load by name, and their features are not random."""
+import numpy as np
+import pytest
+import torch
+
+from semiseg.config import load_config
+from semiseg.data.pretext_shapes import PRETEXT_CLASSES, render_pretext_image
+from semiseg.errors import CheckpointError
+from semiseg.models.backbones import BackboneConfig, build_backbone
+from semiseg.models.preprocess import IMAGENET_MEAN_255, IMAGENET_STD_255
+from semiseg.models.weights import SHIPPED_WEIGHTS, load_checkpoint_file
+
+PROBE_SEED = 1000  # the pretraining script renders seed 0; the probe images are new ones
+
+
+def test_shipped_weights_are_package_files_of_a_few_megabytes():
+    for path in SHIPPED_WEIGHTS.values():
+        assert path.is_file() and 0.2e6 < path.stat().st_size < 5e6
+
+
+def test_config_names_the_shipped_weights_and_the_backbone_loads_them(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  backbone: {name: tiny_resnet, weights: 'semiseg:tiny_resnet_pretext'}\n")
+    cfg = load_config(config)
+    assert str(cfg.model.backbone.weights) == "semiseg:tiny_resnet_pretext"  # a name, not resolved as a path
+    backbone = build_backbone(cfg.model.backbone)
+    shipped = load_checkpoint_file("semiseg:tiny_resnet_pretext")
+    assert torch.equal(backbone.state_dict()["res5.0.conv2.weight"], shipped["res5.0.conv2.weight"])
+
+
+def test_unknown_shipped_name_is_a_one_line_error():
+    with pytest.raises(CheckpointError, match=r"semiseg:nope: semiseg ships no weights named 'nope'; choose one of "
+                                              r"semiseg:tiny_resnet_pretext"):
+        load_checkpoint_file("semiseg:nope")
+
+
+def _probe_features(backbone: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+    """[N, S, S, 3] uint8 -> [N, C] pooled res4 + res5 features."""
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)) \
+        / torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = backbone.eval()(x)
+    return torch.cat([features[k].mean((2, 3)) for k in ("res4", "res5")], 1)
+
+
+def _linear_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
+                           test_labels: torch.Tensor) -> float:
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    train, test = (train - mean) / std, (test - mean) / std
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(train.shape[1], len(PRETEXT_CLASSES))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.05, weight_decay=1e-3)
+    for _ in range(200):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe(train), train_labels).backward()
+        optimizer.step()
+    return (probe(test).argmax(1) == test_labels).float().mean().item()
+
+
+def test_linear_probe_on_held_out_pretext_images_beats_chance_and_random_weights():
+    rendered = [render_pretext_image(PROBE_SEED, i, size=64, single_centered=True) for i in range(360)]
+    images = np.stack([r.image for r in rendered])
+    labels = torch.tensor([int(r.classes[r.classes > 0].max()) - 1 for r in rendered])
+    accuracies = {}
+    for name, weights in (("pretrained", "semiseg:tiny_resnet_pretext"), ("random", None)):
+        torch.manual_seed(0)
+        backbone = build_backbone(BackboneConfig(name="tiny_resnet", weights=weights))
+        features = _probe_features(backbone, images)
+        accuracies[name] = _linear_probe_accuracy(features[:240], labels[:240], features[240:], labels[240:])
+    chance = 1 / len(PRETEXT_CLASSES)
+    assert accuracies["pretrained"] > 4 * chance, accuracies
+    assert accuracies["pretrained"] > accuracies["random"] + 0.2, accuracies
