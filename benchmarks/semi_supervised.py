@@ -36,7 +36,7 @@ import torch
 
 from semiseg.config import Config, apply_overrides
 from semiseg.demo import DemoSettings, base_overrides, default_settings, run_pipeline, student_overrides
-from semiseg.engine.train import train
+from semiseg.training import train
 
 
 def final_ap(run: Path) -> dict[str, float] | None:

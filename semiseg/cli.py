@@ -27,7 +27,7 @@ def _split(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from semiseg.engine.train import train_from_config_file
+    from semiseg.training import train_from_config_file
 
     train_from_config_file(args.config, args.overrides, resume=args.resume)
 

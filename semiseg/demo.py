@@ -121,7 +121,7 @@ def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = Non
     """
     from semiseg.data.splits import write_splits
     from semiseg.data.synthetic import write_synthetic_dataset
-    from semiseg.engine.train import train
+    from semiseg.training import train
 
     if settings.model not in MODELS:
         raise ConfigError(f"semiseg demo --model {settings.model}: expected one of {', '.join(MODELS)}")
@@ -209,7 +209,7 @@ def _train_logged(overrides: list[str], log: Path) -> None:
     """`train` with stdout and stderr going to `log` (runs in the reference's process)."""
     import sys
 
-    from semiseg.engine.train import train
+    from semiseg.training import train
 
     with open(log, "w", buffering=1) as stream:
         sys.stdout = sys.stderr = stream

@@ -1,7 +1,8 @@
 """Test doubles for the engine tests: a tiny deterministic meta-architecture and a random-flip dataset.
 
-`PixelClassifier` implements the model protocol of docs/design.md with no randomness, so runs can
-be compared bit for bit (resume vs uninterrupted, 2 DDP ranks vs 1 process).
+`PixelClassifier` implements the whole model protocol (`semiseg.models.protocol.MetaArchitecture`)
+with no randomness, so runs can be compared bit for bit (resume vs uninterrupted, 2 DDP ranks vs 1
+process), and Guided Distillation runs on it in a fraction of a second.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from semiseg.engine.checkpoint import WeightsInfo
 from semiseg.engine.run_dir import RunDir, prepare_run_dir
 from semiseg.engine.stream import BatchStream
 from semiseg.engine.trainer import Trainer
+from semiseg.models.protocol import PseudoLabelCandidates, PseudoLabelDefaults
 from semiseg.structures import Instances
 
 NUM_CLASSES = 2
@@ -30,7 +32,10 @@ class PixelClassifier(nn.Module):
 
     forward -> {"pred_logits": [B, K+1, H, W]}; loss terms "loss_ce" and "loss_smooth".
     `poison` holds loss-call numbers (1-based) whose loss is NaN, to test non-finite handling.
+    Its pseudo-label candidates are one query per class: the class's pixels as its mask.
     """
+
+    pseudo_label_defaults = PseudoLabelDefaults(score_threshold=0.5, nms_iou=1.0)
 
     def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
@@ -45,15 +50,21 @@ class PixelClassifier(nn.Module):
         x = (images.float() - 128.0) / 64.0
         return {"pred_logits": self.head(F.relu(self.norm(self.backbone(x))))}
 
-    def loss(self, outputs, targets):
+    def loss(self, outputs, targets, unmatched_weight=1.0):
+        """unmatched_weight scales the "no object" pixels' share of the cross-entropy."""
         self.loss_calls += 1
         logits = outputs["pred_logits"]
         semantic = torch.full((logits.shape[0], *logits.shape[-2:]), self.num_classes, dtype=torch.long,
                               device=logits.device)
         for i, t in enumerate(targets):
-            for label, mask in zip(t.labels, t.masks):
+            masks = t.masks
+            if len(masks) and masks.shape[-2:] != logits.shape[-2:]:  # pseudo-labels come at 1/4 of the canvas
+                masks = F.interpolate(masks[None].float(), size=logits.shape[-2:], mode="nearest")[0].bool()
+            for label, mask in zip(t.labels, masks):
                 semantic[i][mask] = label
-        ce = F.cross_entropy(logits, semantic)
+        class_weight = torch.ones(self.num_classes + 1, device=logits.device)
+        class_weight[-1] = unmatched_weight
+        ce = F.cross_entropy(logits, semantic, weight=class_weight)
         smooth = 0.01 * logits.diff(dim=-1).pow(2).mean()
         if self.loss_calls in self.poison:
             ce = ce * float("nan")
@@ -70,6 +81,18 @@ class PixelClassifier(nn.Module):
             scores = torch.tensor([float(probs[c][best == c].mean()) for c in labels])
             results.append(Instances.from_masks(torch.tensor(labels, dtype=torch.long), masks, scores))
         return results
+
+    def pseudo_label_candidates(self, outputs):
+        """One query per class: confidence = its mean probability where it wins, mask logit = +-4 there
+        (at 1/4 of the canvas, as the protocol asks)."""
+        probs = F.avg_pool2d(outputs["pred_logits"].float().softmax(1), 4)  # [B, K+1, H/4, W/4]
+        best = probs.argmax(1)  # [B, H, W]
+        wins = torch.stack([best == c for c in range(self.num_classes)], 1)  # [B, K, H, W]
+        area = wins.flatten(2).sum(-1).clamp(min=1)
+        confidence = (probs[:, :-1] * wins).flatten(2).sum(-1) / area  # [B, K]
+        class_probs = torch.diag_embed(confidence)  # query k proposes class k
+        return PseudoLabelCandidates(class_probs=class_probs, is_object=wins.flatten(2).any(-1),
+                                     mask_logits=wins.float() * 8 - 4)
 
 
 def draw_sample(index: int, size: int = 32) -> tuple[torch.Tensor, Instances]:

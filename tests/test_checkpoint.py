@@ -123,7 +123,7 @@ def test_resume_continues_exactly_with_the_real_tiny_mask2former(tmp_path):
     """Mask2Former samples random points in its loss: resume must restore the RNG states too."""
     from semiseg.config import load_config
     from semiseg.data.synthetic import write_synthetic_dataset
-    from semiseg.engine.train import build_trainer
+    from semiseg.training import build_trainer
 
     synth = write_synthetic_dataset(tmp_path / "data", num_train=6, num_val=2, seed=2, image_size=64)
     config = Path(__file__).resolve().parents[1] / "configs" / "synthetic_mask2former_tiny.yaml"

@@ -19,7 +19,8 @@ from semiseg.data.transforms import AugmentationConfig
 from semiseg.data.unlabeled import load_unlabeled
 from semiseg.engine.checkpoint import read_weights
 from semiseg.engine.evaluate import evaluate_from_cli
-from semiseg.engine.train import _close_logging, build_trainer, train
+from semiseg.engine.run_dir import close_run_log
+from semiseg.training import build_trainer, train
 from semiseg.errors import ConfigError
 from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.semi.guided import GuidedDistillationTrainer, read_teacher_weights
@@ -64,7 +65,7 @@ def built(cfg: Config):
     try:
         return build_trainer(cfg, torch.device("cpu"), resume=False)
     finally:
-        _close_logging()
+        close_run_log()
 
 
 def weights_of(folder, name):

@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def worker(rank: int, port: int, tmp: str, data_paths: dict) -> None:
     from semiseg.engine.distributed import destroy_distributed, init_distributed
-    from semiseg.engine.train import build_trainer
+    from semiseg.training import build_trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))

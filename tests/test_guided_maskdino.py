@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from semiseg.config import Config, apply_overrides
-from semiseg.engine.train import train
+from semiseg.training import train
 from semiseg.errors import ConfigError
 from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.semi.pseudo_labels import ThresholdFilter

@@ -154,15 +154,17 @@ def test_pseudo_label_boxes_normalise_like_the_equivalent_ground_truth():
         torch.testing.assert_close(normalized_cxcywh(pl.boxes, pl.image_size), expected)
 
 
-def test_threshold_and_nms_defaults_follow_the_meta_architecture():
+def test_threshold_and_nms_defaults_come_from_the_model():
     from semiseg.config import Config, apply_overrides
+    from semiseg.models.mask2former import Mask2Former
+    from semiseg.models.maskdino import MaskDINO
 
-    mask2former = apply_overrides(Config(), []).semi.pseudo_labels.build_filter("mask2former")
+    mask2former = apply_overrides(Config(), []).semi.pseudo_labels.build_filter(Mask2Former.pseudo_label_defaults)
     assert (mask2former.score_threshold, mask2former.nms_iou) == (0.7, 1.0)  # the reference
-    maskdino = apply_overrides(Config(), []).semi.pseudo_labels.build_filter("maskdino")
+    maskdino = apply_overrides(Config(), []).semi.pseudo_labels.build_filter(MaskDINO.pseudo_label_defaults)
     assert (maskdino.score_threshold, maskdino.nms_iou) == (0.3, 0.5)  # calibrated sigmoid scores
     chosen = apply_overrides(Config(), ["semi.pseudo_labels.score_threshold=0.45", "semi.pseudo_labels.nms_iou=1.0"])
-    explicit = chosen.semi.pseudo_labels.build_filter("maskdino")
+    explicit = chosen.semi.pseudo_labels.build_filter(MaskDINO.pseudo_label_defaults)
     assert (explicit.score_threshold, explicit.nms_iou) == (0.45, 1.0)
     with pytest.raises(ConfigError, match="nms_iou"):
         apply_overrides(Config(), ["semi.pseudo_labels.nms_iou=1.5"])

@@ -1,4 +1,4 @@
-"""Multi-process training helpers: torchrun initialisation, rank queries, collectives, DDP wrapping.
+"""Multi-process training helpers: torchrun initialisation, rank queries, collectives, DDP wrapping, seeding.
 
 Every helper works in a plain single process (world size 1, no process group): collectives return
 their input, `barrier` does nothing. Under `torchrun` (env vars `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
@@ -7,15 +7,17 @@ their input, `barrier` does nothing. Under `torchrun` (env vars `RANK`, `WORLD_S
 from __future__ import annotations
 
 import os
+import random
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, SemisegError
 
 
 def is_distributed() -> bool:
@@ -150,3 +152,29 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def collective(make):
+    """`make()` on every rank, re-raising rank 0's user error on all ranks (so none waits forever)."""
+    error, result = None, None
+    try:
+        result = make()
+    except SemisegError as e:
+        error = e
+    first = broadcast_object(None if error is None else (type(error), str(error)))
+    if first is not None:
+        raise first[0](first[1]) from None
+    if error is not None:
+        raise error
+    barrier()
+    return result
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices); `deterministic` also picks deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False

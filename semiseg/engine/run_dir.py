@@ -9,16 +9,21 @@
 
 A non-empty run directory is never overwritten silently: a new run into it is refused unless the
 user resumes it (`--resume`) or asks to overwrite (`train.overwrite=true`), which deletes only the
-files listed above.
+files listed above. `open_run_log` / `close_run_log` attach the `semiseg` logger to `log.txt`.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from semiseg.engine.checkpoint import resolve_checkpoint_dir
 from semiseg.errors import ConfigError
+
+logger = logging.getLogger("semiseg")
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "log.txt")
 RUN_DIRS = ("tensorboard", "checkpoints")
@@ -82,3 +87,29 @@ def prepare_run_dir(output_dir: Path, resume: bool, overwrite: bool) -> RunDir:
             shutil.rmtree(run.root / name, ignore_errors=True)
     run.root.mkdir(parents=True, exist_ok=True)
     return run
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+def open_run_log(run: RunDir) -> None:
+    """Send the `semiseg` logger to `run.log` and to the console (above the progress bar)."""
+    logger.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(run.log)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("semiseg: %(message)s"))
+    for handler in (file_handler, console):
+        handler._semiseg_run = True
+        logger.addHandler(handler)
+
+
+def close_run_log() -> None:
+    """Detach what `open_run_log` attached (a process may train several runs)."""
+    for handler in [h for h in logger.handlers if getattr(h, "_semiseg_run", False)]:
+        logger.removeHandler(handler)
+        handler.close()

@@ -14,7 +14,13 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
+from semiseg.config import Config
+from semiseg.data.datasets import LabeledDataset
 from semiseg.data.loader import build_train_loader
+from semiseg.data.records import DatasetRecords
+from semiseg.data.samplers import InfiniteSampler, RepeatFactorSampler, repeat_factors_from_records
+from semiseg.engine.distributed import get_rank, get_world_size
+from semiseg.errors import ConfigError
 from semiseg.structures import Batch
 
 
@@ -94,3 +100,26 @@ class BatchStream:
     def close(self) -> None:
         """Stop the loader's worker processes (the stream reopens at `position` on the next batch)."""
         self._iterator = None
+
+
+def per_rank_batch(global_batch: int, key: str) -> int:
+    world = get_world_size()
+    if global_batch < 1 or global_batch % world:
+        raise ConfigError(f"{key}={global_batch} must be a positive multiple of the number of processes ({world})")
+    return global_batch // world
+
+
+def build_labeled_stream(cfg: Config, records: DatasetRecords) -> BatchStream:
+    """This rank's endless labeled batches (augmented, uniform or repeat-factor sampling)."""
+    data = cfg.data
+    dataset = LabeledDataset(records, data.augmentation.train_transform(), filter_empty=data.filter_empty,
+                             strict=data.strict, seed=cfg.train.seed)
+    rank, world = get_rank(), get_world_size()
+    if data.sampler == "repeat_factor":
+        sampler = RepeatFactorSampler(repeat_factors_from_records(dataset.records, data.repeat_threshold),
+                                      seed=cfg.train.seed, rank=rank, world_size=world)
+    else:
+        sampler = InfiniteSampler(len(dataset), seed=cfg.train.seed, rank=rank, world_size=world)
+    return BatchStream(dataset, sampler, per_rank_batch(data.batch_size, "data.batch_size"), data.num_workers,
+                       seed=cfg.train.seed, rank=rank, world_size=world,
+                       size_divisibility=cfg.model.head.size_divisibility)

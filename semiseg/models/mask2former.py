@@ -21,7 +21,7 @@ from semiseg.models.mask2former_decoder import MultiScaleMaskedTransformerDecode
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.models.pixel_decoder import MSDeformAttnPixelDecoder
 from semiseg.models.preprocess import backbone_pixel_stats, normalize_and_pad
-from semiseg.models.protocol import PseudoLabelCandidates
+from semiseg.models.protocol import PseudoLabelCandidates, PseudoLabelDefaults
 from semiseg.structures import Instances
 
 
@@ -106,6 +106,9 @@ class Mask2Former(nn.Module):
         "mask_features" [B, mask_dim, H/4, W/4], "multi_scale_features" 3 x [B, C, h, w],
         "padded_size" (H, W) of the network input}
     """
+
+    # The reference's softmax threshold, no NMS (the "no object" class removes duplicates).
+    pseudo_label_defaults = PseudoLabelDefaults(score_threshold=0.7, nms_iou=1.0)
 
     def __init__(self, cfg: Mask2FormerConfig, backbone: nn.Module):
         super().__init__()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from semiseg.errors import ConfigError
+from semiseg.models.protocol import PseudoLabelDefaults
 from semiseg.semi.pseudo_labels import ThresholdFilter
 
 
@@ -29,9 +30,9 @@ from semiseg.semi.pseudo_labels import ThresholdFilter
 class PseudoLabelConfig:
     """The default pseudo-label filter (`ThresholdFilter`) and how pseudo-labels enter the loss.
 
-    score_threshold:     keep a query whose class confidence is above this; default (None) by model:
-                         0.7 for Mask2Former (the reference), 0.3 for Mask DINO (calibrated, see
-                         `ARCH_DEFAULTS`)
+    score_threshold:     keep a query whose class confidence is above this; default (None): the
+                         model's `pseudo_label_defaults` (Mask2Former 0.7, the reference; Mask DINO
+                         0.3, calibrated)
     class_thresholds:    one threshold per class instead of `score_threshold` (empty = not used)
     min_area:            keep a query whose soft mask area (sum of sigmoid, 1/4 resolution) is above this
     mask_threshold:      binarise the pseudo-mask at sigmoid > this
@@ -40,8 +41,8 @@ class PseudoLabelConfig:
     box_source:          pseudo-instance boxes from the binarised pseudo-mask (mask, the reference) or
                          from the teacher's box head (head; models with boxes, e.g. Mask DINO)
     nms_iou:             drop a pseudo-instance whose mask IoU with a more confident one exceeds this
-                         (class-agnostic, greedy); 1.0 = off; default (None) by model: off for
-                         Mask2Former (the reference), 0.5 for Mask DINO
+                         (class-agnostic, greedy); 1.0 = off; default (None): the model's
+                         `pseudo_label_defaults` (off for Mask2Former, the reference; 0.5 for Mask DINO)
     """
 
     score_threshold: float | None = None
@@ -62,26 +63,13 @@ class PseudoLabelConfig:
         if self.min_area < 0:
             raise ConfigError(f"min_area={self.min_area}: expected >= 0")
 
-    def build_filter(self, arch: str) -> ThresholdFilter:
-        """The filter for a model of meta-architecture `arch`; unset values take `ARCH_DEFAULTS[arch]`."""
-        defaults = ARCH_DEFAULTS[arch]
+    def build_filter(self, defaults: PseudoLabelDefaults) -> ThresholdFilter:
+        """The filter for a model whose `pseudo_label_defaults` are `defaults` (used for unset values)."""
         return ThresholdFilter(
-            score_threshold=defaults["score_threshold"] if self.score_threshold is None else self.score_threshold,
+            score_threshold=defaults.score_threshold if self.score_threshold is None else self.score_threshold,
             min_area=self.min_area, mask_threshold=self.mask_threshold,
             class_thresholds=self.class_thresholds or None, box_source=self.box_source,
-            nms_iou=defaults["nms_iou"] if self.nms_iou is None else self.nms_iou)
-
-
-# Defaults that depend on how a model scores its queries. Mask2Former: the reference's softmax
-# threshold, no NMS (its "no object" class removes duplicates). Mask DINO has sigmoid (focal-loss)
-# scores, far lower than a softmax's: the demo's tiny Mask DINO teacher (10 % labels, mask AP 15.6)
-# keeps no query at 0.7; at 0.3 with mask NMS 0.5 it keeps 2.3 pseudo-labels per image, 49 % right
-# (the best F1), close to the Mask2Former teacher of the same data at 0.7 (3.0 per image, 53 %).
-# Measured with benchmarks/pseudo_label_quality.py, table in docs/guided_distillation.md.
-ARCH_DEFAULTS = {
-    "mask2former": {"score_threshold": 0.7, "nms_iou": 1.0},
-    "maskdino": {"score_threshold": 0.3, "nms_iou": 0.5},
-}
+            nms_iou=defaults.nms_iou if self.nms_iou is None else self.nms_iou)
 
 
 @dataclass

@@ -24,14 +24,18 @@ import torch
 from torch import nn
 
 from semiseg.config import Config
+from semiseg.data.datasets import UnlabeledDataset
 from semiseg.data.records import DatasetRecords
+from semiseg.data.samplers import InfiniteSampler
+from semiseg.data.unlabeled import load_unlabeled
 from semiseg.engine.checkpoint import WeightsInfo, read_weights, weights_file
 from semiseg.engine.convert import GD_PREFIXES, select_model_weights
-from semiseg.engine.distributed import get_rank, get_world_size, is_distributed
+from semiseg.engine.distributed import collective, get_rank, get_world_size, is_distributed
 from semiseg.engine.run_dir import RunDir
-from semiseg.engine.stream import BatchStream
+from semiseg.engine.stream import BatchStream, build_labeled_stream, per_rank_batch
 from semiseg.engine.trainer import EvaluateFn, Trainer
 from semiseg.errors import ConfigError
+from semiseg.models.build import build_model
 from semiseg.models.weights import load_checkpoint_file, load_weights_into
 from semiseg.semi.ema import copy_weights, freeze, update_teacher
 from semiseg.semi.pseudo_labels import PseudoLabelFilter
@@ -100,7 +104,7 @@ class GuidedDistillationTrainer(Trainer):
             raise ValueError(f"Guided Distillation needs the streams {sorted(missing)}")
         super().__init__(cfg, student, streams, run, device, info, evaluate)
         self.teacher = freeze(teacher)
-        self.pseudo_labeler = pseudo_labeler or cfg.semi.pseudo_labels.build_filter(cfg.model.arch)
+        self.pseudo_labeler = pseudo_labeler or cfg.semi.pseudo_labels.build_filter(student.pseudo_label_defaults)
         self.pseudo_label_count = 0  # pseudo-instances made since the last log line
         self.pseudo_label_images = 0
 
@@ -169,14 +173,8 @@ class GuidedDistillationTrainer(Trainer):
         return {name: model for name, model in self.checkpoint_models().items() if who in (name, "both")}
 
 
-
 def build_unlabeled_stream(cfg: Config) -> BatchStream:
     """This rank's endless unlabeled batches: weak view `images` + strong view `strong`, uniform sampling."""
-    from semiseg.data.datasets import UnlabeledDataset
-    from semiseg.data.samplers import InfiniteSampler
-    from semiseg.data.unlabeled import load_unlabeled
-    from semiseg.engine.train import collective, per_rank_batch
-
     data = cfg.data
     if data.unlabeled is None:
         raise ConfigError("semi.enabled=true needs data.unlabeled (an image folder or an image-list json)")
@@ -194,14 +192,12 @@ def build_unlabeled_stream(cfg: Config) -> BatchStream:
 def build_guided_trainer(cfg: Config, student: nn.Module, records: DatasetRecords, run: RunDir,
                          device: torch.device, info: WeightsInfo, evaluate: EvaluateFn | None,
                          resume: bool) -> GuidedDistillationTrainer:
-    """The stage-2 trainer `semiseg train` runs when `semi.enabled` (called by `engine.train.build_trainer`).
+    """The stage-2 trainer `semiseg train` runs when `semi.enabled` (called by `semiseg.training.build_trainer`).
 
     The labeled stream samples with `semi.labeled_sampler` (repeat factors, threshold
     `data.repeat_threshold`, as the reference); the teacher is the student's architecture, loaded from
     `semi.teacher_weights` unless the run resumes (then both come from the checkpoint).
     """
-    from semiseg.engine.train import build_labeled_stream
-    from semiseg.models.build import build_model
 
     labeled_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sampler=cfg.semi.labeled_sampler))
     streams = {"labeled": build_labeled_stream(labeled_cfg, records), "unlabeled": build_unlabeled_stream(cfg)}

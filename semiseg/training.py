@@ -1,33 +1,34 @@
-"""`semiseg train`: build everything a config describes, then run the `Trainer`.
+"""Build everything a config describes, then run the trainer: the composition root of `semiseg train`.
 
-Runs as a plain process (one CPU or GPU) or under `torchrun --nproc_per_node N -m semiseg.cli
-train ...` (one process per GPU, or gloo on CPUs): `data.batch_size` is the global batch, split
-evenly across the processes.
+It sits above `engine/` (the supervised `Trainer`, data streams, checkpoints) and `semi/` (the
+Guided Distillation trainer), so neither imports the other's builder. Runs as a plain process
+(one CPU or GPU) or under `torchrun --nproc_per_node N -m semiseg.cli train ...` (one process per
+GPU, or gloo on CPUs): `data.batch_size` is the global batch, split evenly across the processes.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
-import random
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from semiseg.config import Config, load_config, save_config
+from semiseg.data.coco import load_coco_instances
 from semiseg.data.records import DatasetRecords
 from semiseg.engine.checkpoint import WeightsInfo
-from semiseg.engine.distributed import (barrier, broadcast_object, destroy_distributed, get_rank, get_world_size,
-                                        init_distributed, is_main_process, limit_cpu_threads,
-                                        select_device)
+from semiseg.engine.distributed import (collective, destroy_distributed, get_rank, get_world_size, init_distributed,
+                                        is_main_process, limit_cpu_threads, seed_everything, select_device)
 from semiseg.engine.evaluate import build_eval_loader_for, evaluate_model
-from semiseg.engine.run_dir import RunDir, prepare_run_dir
-from semiseg.engine.stream import BatchStream
+from semiseg.engine.run_dir import close_run_log, open_run_log, prepare_run_dir
+from semiseg.engine.stream import build_labeled_stream
 from semiseg.engine.trainer import EvaluateFn, Trainer
-from semiseg.errors import ConfigError, SemisegError
+from semiseg.errors import ConfigError
+from semiseg.evaluation import CocoEvaluator
+from semiseg.models.build import build_model
+from semiseg.semi.guided import build_guided_trainer
 
 logger = logging.getLogger("semiseg")
 
@@ -50,7 +51,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         trainer.train()
         return trainer.run.root
     finally:
-        _close_logging()
+        close_run_log()
         if joined:
             destroy_distributed()
 
@@ -63,9 +64,7 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool) -> Trainer:
     run = collective(lambda: prepare_run_dir(cfg.train.output_dir, resume, cfg.train.overwrite))
     seed_everything(cfg.train.seed + get_rank(), cfg.train.deterministic)
     if is_main_process():
-        _open_logging(run)
-
-    from semiseg.data.coco import load_coco_instances
+        open_run_log(run)
 
     records = collective(lambda: load_coco_instances(data.train_ann, data.train_images, strict=data.strict))
     cfg = with_num_classes(cfg, records)
@@ -76,14 +75,10 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool) -> Trainer:
         logger.info("%s: %d images, %d classes; %d process(es) on %s", data.train_ann, len(records),
                     records.num_classes, get_world_size(), device)
 
-    from semiseg.models.build import build_model
-
     model = build_model(cfg.model, cfg.model.num_classes).to(device)
     evaluate = build_evaluate_fn(cfg, device, records.class_names) if data.val_ann is not None else None
     info = WeightsInfo(None, records.class_names, records.category_ids, "model")
     if cfg.semi.enabled:
-        from semiseg.semi.guided import build_guided_trainer
-
         trainer = build_guided_trainer(cfg, model, records, run, device, info, evaluate, resume)
     else:
         trainer = Trainer(cfg, model, {"labeled": build_labeled_stream(cfg, records)}, run, device, info, evaluate)
@@ -100,89 +95,11 @@ def with_num_classes(cfg: Config, records: DatasetRecords) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=records.num_classes))
 
 
-def per_rank_batch(global_batch: int, key: str) -> int:
-    world = get_world_size()
-    if global_batch < 1 or global_batch % world:
-        raise ConfigError(f"{key}={global_batch} must be a positive multiple of the number of processes ({world})")
-    return global_batch // world
-
-
-def build_labeled_stream(cfg: Config, records: DatasetRecords) -> BatchStream:
-    """This rank's endless labeled batches (augmented, uniform or repeat-factor sampling)."""
-    from semiseg.data.datasets import LabeledDataset
-    from semiseg.data.samplers import InfiniteSampler, RepeatFactorSampler, repeat_factors_from_records
-
-    data = cfg.data
-    dataset = LabeledDataset(records, data.augmentation.train_transform(), filter_empty=data.filter_empty,
-                             strict=data.strict, seed=cfg.train.seed)
-    rank, world = get_rank(), get_world_size()
-    if data.sampler == "repeat_factor":
-        sampler = RepeatFactorSampler(repeat_factors_from_records(dataset.records, data.repeat_threshold),
-                                      seed=cfg.train.seed, rank=rank, world_size=world)
-    else:
-        sampler = InfiniteSampler(len(dataset), seed=cfg.train.seed, rank=rank, world_size=world)
-    return BatchStream(dataset, sampler, per_rank_batch(data.batch_size, "data.batch_size"), data.num_workers,
-                       seed=cfg.train.seed, rank=rank, world_size=world,
-                       size_divisibility=cfg.model.head.size_divisibility)
-
-
 def build_evaluate_fn(cfg: Config, device: torch.device, class_names: list[str]) -> EvaluateFn:
     """model -> COCO metrics on `data.val_ann` (validated now, so a bad val set fails before training)."""
-    from semiseg.evaluation import CocoEvaluator
-
     if cfg.data.val_images is None:
         raise ConfigError("data.val_images must be set when data.val_ann is")
     loader = collective(lambda: build_eval_loader_for(cfg, cfg.data.val_ann, cfg.data.val_images, class_names))
     evaluator = CocoEvaluator.from_json(cfg.data.val_ann)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.solver.amp) if device.type == "cuda" else None
     return functools.partial(evaluate_model, loader=loader, evaluator=evaluator, device=device, amp_dtype=amp_dtype)
-
-
-def collective(make):
-    """`make()` on every rank, re-raising rank 0's user error on all ranks (so none waits forever)."""
-    error, result = None, None
-    try:
-        result = make()
-    except SemisegError as e:
-        error = e
-    first = broadcast_object(None if error is None else (type(error), str(error)))
-    if first is not None:
-        raise first[0](first[1]) from None
-    if error is not None:
-        raise error
-    barrier()
-    return result
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch (all devices); `deterministic` also picks deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-class _TqdmHandler(logging.Handler):
-    """Log lines printed above the progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record))
-
-
-def _open_logging(run: RunDir) -> None:
-    logger.setLevel(logging.INFO)
-    file_handler = logging.FileHandler(run.log)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("semiseg: %(message)s"))
-    for handler in (file_handler, console):
-        handler._semiseg_run = True
-        logger.addHandler(handler)
-
-
-def _close_logging() -> None:
-    for handler in [h for h in logger.handlers if getattr(h, "_semiseg_run", False)]:
-        logger.removeHandler(handler)
-        handler.close()

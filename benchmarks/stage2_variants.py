@@ -1,0 +1,84 @@
+"""Which stage-2 recipe? Re-run stage 2 with other settings on the teachers of a finished benchmark.
+
+For every `pP_sS` folder of a `semi_supervised.py` output (its teacher, splits and 100 % reference
+are reused), each variant trains a student with the demo's stage-2 settings plus the variant's
+overrides, into `pP_sS/variants/NAME`. The table gives, per variant, the student's mask AP, its
+gain over the teacher (paired per seed) and the share of the teacher -> 100 % gap it closes, so
+recipes are compared on the same teachers and the same budget.
+
+    python benchmarks/stage2_variants.py runs/bench_gd runs/bench_cells --variants fresh threshold_0.5
+
+Finished variant runs are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from semi_supervised import final_ap, mean_std, timed_train
+
+from semiseg.demo import DemoSettings, base_overrides, student_overrides
+
+VARIANTS = {
+    "default": [],  # the benchmark's own student
+    # the reference's design: a fresh student (pretrained backbone, random head) at stage 1's rate
+    "fresh": ["semi.student_init=fresh", "solver.lr=1e-3", "solver.warmup_iters=50", "solver.warmup_factor=0.01"],
+    "threshold_0.5": ["semi.pseudo_labels.score_threshold=0.5"],
+    "threshold_0.8": ["semi.pseudo_labels.score_threshold=0.8"],
+    "no_nms": ["semi.pseudo_labels.nms_iou=1.0"],
+    "ema_0.995": ["semi.ema_decay=0.995"],
+    "burn_in_150": ["semi.burn_in_iter=150"],
+    "unsup_1": ["semi.unsup_loss_weight=1.0"],
+    "unsup_4": ["semi.unsup_loss_weight=4.0"],
+}
+
+
+def run_variant(folder: Path, name: str, device: str | None) -> dict:
+    """Stage 2 of `variant` on the teacher of one benchmark folder -> its row."""
+    demo = json.loads((folder / "results.json").read_text())
+    settings = DemoSettings(**demo["settings"])
+    data = {k: Path(v) for k, v in demo["dataset"].items()}
+    labeled = next((folder / "splits").glob("instances_train_*[0-9].json"))
+    unlabeled = labeled.with_name(labeled.stem + "_unlabeled.json")
+    run = folder / "student" if name == "default" else folder / "variants" / name  # default: the benchmark's
+    overrides = (base_overrides(settings, data, labeled, device, demo["seed"])
+                 + student_overrides(settings, run, folder / "teacher" / "checkpoints" / "last", unlabeled,
+                                     data["train_images"]) + VARIANTS[name])
+    ap = final_ap(run) or timed_train(overrides, run)[0]
+    teacher, full = demo["teacher"]["mask_AP"], demo["full"]["mask_AP"]
+    return {"folder": str(folder), "variant": name, "teacher": teacher, "full": full, "student": ap["student"],
+            "ema_teacher": ap["teacher"], "gap_closed": 100 * (ap["student"] - teacher) / (full - teacher)}
+
+
+def summarize(rows: list[dict]) -> str:
+    """Markdown table: one line per variant over all folders."""
+    lines = ["| variant | runs | student | student - teacher | EMA teacher - teacher | gap closed (%) | wins |",
+             "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == name]
+        lines.append(f"| {name} | {len(rs)} | {mean_std([r['student'] for r in rs])} "
+                     f"| {mean_std([r['student'] - r['teacher'] for r in rs])} "
+                     f"| {mean_std([r['ema_teacher'] - r['teacher'] for r in rs])} "
+                     f"| {mean_std([r['gap_closed'] for r in rs], digits=0)} "
+                     f"| {sum(r['student'] > r['teacher'] for r in rs)}/{len(rs)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("benchmarks", type=Path, nargs="+", help="output folders of semi_supervised.py")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default", "fresh"])
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    folders = sorted(f for b in args.benchmarks for f in b.glob("p*_s*") if (f / "results.json").is_file())
+    if not folders:
+        raise SystemExit(f"{', '.join(map(str, args.benchmarks))}: no finished benchmark settings (pP_sS/results.json)")
+    rows = [run_variant(folder, name, args.device) for name in args.variants for folder in folders]
+    for row in rows:
+        print(json.dumps(row))
+    print(summarize(rows))
+
+
+if __name__ == "__main__":
+    main()
