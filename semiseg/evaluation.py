@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -103,18 +102,6 @@ class CocoEvaluator:
         """
         return [r for image_id in sorted(self._per_image) for r in self._per_image[image_id]]
 
-    def write_results(self, path: str | os.PathLike) -> None:
-        """Write `results()` as a COCO results json, atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.results(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def merge(self, other_results: Iterable[dict[str, Any]]) -> None:
         """Add results produced elsewhere (another rank, a results file), grouped by image id.

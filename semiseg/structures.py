@@ -70,9 +70,6 @@ class Instances:
         return Instances(self.labels.to(device), self.masks.to(device), self.boxes.to(device),
                          None if self.scores is None else self.scores.to(device))
 
-    def with_scores(self, scores: torch.Tensor | None) -> "Instances":
-        return replace(self, scores=scores)
-
 
 @dataclass
 class Batch:

@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def _gt_masks(gt: dict) -> dict[int, list[tuple[int, np.ndarray, bool]]]:
 
 def _instances(labels: list[int], masks: list[np.ndarray], scores: list[float], h: int, w: int) -> Instances:
     if not labels:
-        return Instances.empty(h, w).with_scores(torch.zeros(0))
+        return replace(Instances.empty(h, w), scores=torch.zeros(0))
     return Instances.from_masks(torch.tensor(labels), torch.from_numpy(np.stack(masks)).bool(),
                                 torch.tensor(scores, dtype=torch.float32))
 
@@ -194,9 +195,6 @@ def test_category_order_and_results_format(tmp_path):
     assert result["bbox"] == [4.0, 3.0, 16.0, 7.0]  # xywh
     assert isinstance(result["segmentation"]["counts"], str)
     assert pc_mask.decode(result["segmentation"]).sum() == 7 * 16
-    ev.write_results(tmp_path / "out" / "results.json")
-    assert json.loads((tmp_path / "out" / "results.json").read_text()) == ev.results()
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.json"]  # no temporary left over
 
 
 def test_keeps_top_max_dets_per_image():
@@ -304,7 +302,7 @@ def test_bad_input_raises_one_line_errors(tmp_path):
     with pytest.raises(DataError, match="120x160"):
         ev.add(10, one)
     with pytest.raises(ValueError, match="scores"):
-        ev.add(13, one.with_scores(None))
+        ev.add(13, replace(one, scores=None))
     with pytest.raises(ConfigError, match="keypoints"):
         ev.evaluate(["keypoints"])
 

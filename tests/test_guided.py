@@ -4,6 +4,7 @@ One module-scoped fixture writes a tiny synthetic dataset, a 25 % labeled split 
 unlabeled complement, and a stage-1 teacher checkpoint (one supervised iteration).
 """
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -230,7 +231,7 @@ def test_score_weighted_unlabeled_loss_uses_the_mean_pseudo_label_confidence():
     masks = torch.ones(2, 4, 4, dtype=torch.bool)
     batch = [Instances.from_masks(torch.tensor([0, 1]), masks, scores=torch.tensor([0.9, 0.7])),
              Instances.from_masks(torch.tensor([2]), masks[:1], scores=torch.tensor([0.8])),
-             Instances.empty(4, 4).with_scores(torch.zeros(0))]
+             replace(Instances.empty(4, 4), scores=torch.zeros(0))]
     assert unsupervised_weight(batch, 2.0, score_weighted=False) == 2.0
     assert unsupervised_weight(batch, 2.0, score_weighted=True) == pytest.approx(2.0 * 0.8)
     assert unsupervised_weight([Instances.empty(4, 4)], 2.0, score_weighted=True) == 2.0

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from semiseg.data.datasets import EvalDataset, LabeledDataset, Sample, UnlabeledDataset
-from semiseg.data.loader import SemiSupervisedStream, build_eval_loader, build_train_loader, collate
+from semiseg.data.loader import build_eval_loader, build_train_loader, collate
 from semiseg.data.masks import decode_segmentation
 from semiseg.data.records import Annotation, DatasetRecords, ImageRecord
 from semiseg.data.samplers import (InferenceSampler, InfiniteSampler, RepeatFactorSampler,
@@ -272,19 +272,6 @@ def test_train_loader_is_deterministic_given_the_seed(records, num_workers):
     assert not all(torch.equal(x.images, y.images) for x, y in zip(first, batches(1)))
 
 
-def test_semi_supervised_stream_pairs_labeled_and_unlabeled_batches(records):
-    labeled = LabeledDataset(records, lsj())
-    unlabeled = UnlabeledDataset(records, lsj(), StrongAugmentation())
-    stream = SemiSupervisedStream(
-        build_train_loader(labeled, InfiniteSampler(len(labeled), rank=0, world_size=1), batch_size=2),
-        build_train_loader(unlabeled, InfiniteSampler(len(unlabeled), rank=0, world_size=1), batch_size=3),
-    )
-    for labeled_batch, unlabeled_batch in itertools.islice(iter(stream), 2):
-        assert len(labeled_batch) == 2 and labeled_batch.targets is not None and labeled_batch.strong is None
-        assert len(unlabeled_batch) == 3 and unlabeled_batch.targets is None
-        assert unlabeled_batch.strong.shape == unlabeled_batch.images.shape == (3, 3, 64, 64)
-
-
 def test_eval_loader_visits_this_ranks_shard_once(records):
     dataset = EvalDataset(records, build_test_transform(32, 1000))
     ids = [[i for batch in build_eval_loader(dataset, batch_size=2, rank=r, world_size=2) for i in batch.image_ids]
@@ -316,10 +303,10 @@ def test_synthetic_coco_dataset_end_to_end_through_the_real_readers(tmp_path):
     unlabeled = UnlabeledDataset(load_unlabeled(paths["train_images"]), augmentation.train_transform(),
                                  augmentation.strong_transform())
     repeat_factors = repeat_factors_from_records(labeled.records)
-    stream = SemiSupervisedStream(
-        build_train_loader(labeled, RepeatFactorSampler(repeat_factors, rank=0, world_size=1), batch_size=2),
-        build_train_loader(unlabeled, InfiniteSampler(len(unlabeled), rank=0, world_size=1), batch_size=2))
-    labeled_batch, unlabeled_batch = next(iter(stream))
+    labeled_batch = next(iter(build_train_loader(labeled, RepeatFactorSampler(repeat_factors, rank=0, world_size=1),
+                                                 batch_size=2)))
+    unlabeled_batch = next(iter(build_train_loader(unlabeled, InfiniteSampler(len(unlabeled), rank=0, world_size=1),
+                                                   batch_size=2)))
     assert labeled_batch.images.shape == unlabeled_batch.strong.shape == (2, 3, 64, 64)
     for target in labeled_batch.targets:
         assert target.masks.flatten(1).any(dim=1).all() and (target.labels < records.num_classes).all()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from semiseg.errors import ConfigError
 from semiseg.models.backbones.resnet import build_tiny_resnet
-from semiseg.models.inference import instance_inference
+from semiseg.models.mask2former_inference import instance_inference
 from semiseg.models.mask2former import Mask2Former, Mask2FormerConfig
 from semiseg.structures import Instances, masks_to_boxes
 
@@ -161,7 +161,7 @@ def test_config_errors_are_reported_together():
 def test_num_masks_is_all_reduced_when_distributed(tmp_path):
     import torch.distributed as dist
 
-    from semiseg.models.criterion import average_num_masks
+    from semiseg.models.mask2former_criterion import average_num_masks
 
     targets = [Instances.from_masks(torch.tensor([0, 1]), box_masks(8, 8, [(0, 0, 2, 2), (3, 3, 5, 5)])),
                Instances.empty(8, 8)]

@@ -14,7 +14,7 @@ from semiseg.evaluation import CocoEvaluator
 from semiseg.models.backbones.resnet import build_tiny_resnet
 from semiseg.models.box_ops import box_cxcywh_to_xyxy
 from semiseg.models.denoising import DenoisingNoise, build_denoising_queries, denoising_attn_mask
-from semiseg.models.maskdino import MaskDINO, MaskDINOConfig, panoptic_inference, semantic_inference
+from semiseg.models.maskdino import MaskDINO, MaskDINOConfig
 from semiseg.semi.pseudo_labels import ThresholdFilter
 from semiseg.structures import Instances
 
@@ -270,20 +270,6 @@ def test_box_ap_is_measured_on_the_box_head_boxes():
     metrics = evaluator.evaluate()
     assert metrics["bbox"]["AP"] == pytest.approx(100.0)
     assert metrics["segm"]["AP"] == pytest.approx(0.0)
-
-
-def test_semantic_and_panoptic_inference_by_hand():
-    logits = torch.tensor([[6.0, -6.0], [-6.0, 6.0], [-6.0, -6.0]])  # class 0, class 1, background query
-    masks = torch.full((3, 4, 6), -6.0)
-    masks[0, :, :3] = 6.0
-    masks[1, :, 3:] = 6.0
-    semantic = semantic_inference(logits, masks, temperature=0.06)
-    assert semantic.shape == (2, 4, 6)
-    assert (semantic.argmax(0)[:, :3] == 0).all() and (semantic.argmax(0)[:, 3:] == 1).all()
-    segments, info = panoptic_inference(logits, masks, object_mask_threshold=0.25, overlap_threshold=0.8,
-                                        temperature=0.06, thing_classes={0})
-    assert [(s["category_id"], s["isthing"]) for s in info] == [(0, True), (1, False)]
-    assert (segments[:, :3] == 1).all() and (segments[:, 3:] == 2).all()
 
 
 def test_pseudo_label_candidates_are_sigmoid_scores_and_mask_canvas_boxes():

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from semiseg.models import box_ops
-from semiseg.models.criterion import dice_loss, sigmoid_bce_loss
+from semiseg.models.mask2former_criterion import dice_loss, sigmoid_bce_loss
 from semiseg.models.deform_attn import ms_deform_attn_core
 from semiseg.models.denoising import DenoisingNoise
 from semiseg.models.maskdino import MaskDINO, MaskDINOConfig

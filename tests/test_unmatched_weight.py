@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from semiseg.config import Config, apply_overrides
 from semiseg.errors import ConfigError
-from semiseg.models.criterion import SetCriterion
+from semiseg.models.mask2former_criterion import SetCriterion
 from semiseg.models.maskdino_criterion import MaskDINOCriterion
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.structures import Instances

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dataclasses import replace
 from PIL import Image
 
 from semiseg.structures import Instances
@@ -89,7 +90,7 @@ def test_save_overlay_writes_a_readable_png(tmp_path):
 def test_side_by_side_has_one_titled_panel_per_entry(tmp_path):
     image = _image()
     panels = {"ground truth": _two_instances(None), "teacher": _two_instances([0.9, 0.8]),
-              "student": Instances.empty(96, 128).with_scores(torch.zeros(0))}
+              "student": replace(Instances.empty(96, 128), scores=torch.zeros(0))}
     path = save_side_by_side(tmp_path / "sbs.png", image, panels, CLASS_NAMES)
     sheet = np.asarray(Image.open(path))
     title_height = sheet.shape[0] - 96

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -100,13 +100,3 @@ def build_eval_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 
         num_workers=num_workers, collate_fn=functools.partial(collate, size_divisibility=size_divisibility),
         pin_memory=torch.cuda.is_available(),
     )
-
-
-class SemiSupervisedStream:
-    """Yields (labeled_batch, unlabeled_batch) pairs from two loaders, until either runs out."""
-
-    def __init__(self, labeled: DataLoader, unlabeled: DataLoader):
-        self.labeled, self.unlabeled = labeled, unlabeled
-
-    def __iter__(self) -> Iterator[tuple[Batch, Batch]]:
-        return zip(self.labeled, self.unlabeled)

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from semiseg.errors import ConfigError
-from semiseg.models.criterion import SetCriterion
+from semiseg.models.mask2former_criterion import SetCriterion
 from semiseg.models.deform_attn import BACKENDS
-from semiseg.models.inference import instance_inference
+from semiseg.models.mask2former_inference import instance_inference
 from semiseg.models.mask2former_decoder import MultiScaleMaskedTransformerDecoder
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.models.pixel_decoder import MSDeformAttnPixelDecoder
@@ -125,7 +125,7 @@ class Mask2Former(nn.Module):
             in_channels=cfg.conv_dim, num_classes=cfg.num_classes, hidden_dim=cfg.hidden_dim,
             num_queries=cfg.num_queries, nheads=cfg.nheads, dim_feedforward=cfg.dim_feedforward,
             dec_layers=cfg.dec_layers, pre_norm=cfg.pre_norm, mask_dim=cfg.mask_dim,
-            enforce_input_project=cfg.enforce_input_proj)
+            enforce_input_proj=cfg.enforce_input_proj)
         self.sem_seg_head = MaskFormerHead(pixel_decoder, predictor)
         matcher = HungarianMatcher(cost_class=cfg.class_weight, cost_mask=cfg.mask_weight,
                                    cost_dice=cfg.dice_weight, num_points=cfg.train_num_points)

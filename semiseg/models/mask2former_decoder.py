@@ -112,7 +112,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, hidden_dim: int = 256, num_queries: int = 100,
                  nheads: int = 8, dim_feedforward: int = 2048, dec_layers: int = 10, pre_norm: bool = False,
-                 mask_dim: int = 256, enforce_input_project: bool = False, num_feature_levels: int = 3):
+                 mask_dim: int = 256, enforce_input_proj: bool = False, num_feature_levels: int = 3):
         super().__init__()
         if dec_layers < 1:
             raise ConfigError(f"dec_layers must be >= 1 (layers + initial prediction), got {dec_layers}")
@@ -134,7 +134,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.level_embed = nn.Embedding(num_feature_levels, hidden_dim)
         self.input_proj = nn.ModuleList()
         for _ in range(num_feature_levels):
-            if in_channels != hidden_dim or enforce_input_project:
+            if in_channels != hidden_dim or enforce_input_proj:
                 proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1)
                 c2_xavier_fill(proj)
                 self.input_proj.append(proj)

@@ -15,7 +15,7 @@ Module layout and parameter names match the official checkpoints (`backbone.*`,
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -31,7 +31,7 @@ from semiseg.models.denoising import (
     DenoisingQueries,
     build_denoising_queries,
 )
-from semiseg.models.inference import resize_mask_logits
+from semiseg.models.mask2former_inference import resize_mask_logits
 from semiseg.models.maskdino_criterion import MaskDINOCriterion
 from semiseg.models.maskdino_decoder import MaskDINODecoder
 from semiseg.models.matcher import HungarianMatcher, focal_class_cost
@@ -55,7 +55,8 @@ class MaskDINOConfig:
     dec_layers: decoder layers (official DEC_LAYERS, no -1); prediction sets = dec_layers + 1.
     initialize_box_type: "mask2box" / "bitmask" (anchors from the selected queries' masks) or "no".
     dn: "seg" (denoise labels, boxes and masks), "standard" (labels and boxes) or "no".
-    object_mask_threshold / overlap_threshold / pano_temperature: panoptic inference.
+    object_mask_threshold / overlap_threshold / pano_temperature: the official panoptic settings, kept so
+    that official and earlier configs load (semantic / panoptic inference is not implemented yet).
     """
 
     num_classes: int = 80
@@ -258,34 +259,6 @@ class MaskDINO(nn.Module):
         ]
 
     @torch.no_grad()
-    def predict_semantic(self, outputs: dict, image_sizes: Sequence[tuple[int, int]],
-                         orig_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-        """Per image: class scores [K, orig_h, orig_w] (softmax of sigmoid / pano_temperature per query,
-        weighted by the query's mask probability)."""
-        padded = outputs["padded_size"]
-        return [
-            semantic_inference(logits, resize_mask_logits(masks.float(), padded, tuple(size), tuple(orig)),
-                               self.cfg.pano_temperature)
-            for logits, masks, size, orig in zip(outputs["pred_logits"], outputs["pred_masks"], image_sizes, orig_sizes)
-        ]
-
-    @torch.no_grad()
-    def predict_panoptic(self, outputs: dict, image_sizes: Sequence[tuple[int, int]],
-                         orig_sizes: Sequence[tuple[int, int]], thing_classes: Collection[int] | None = None
-                         ) -> list[tuple[torch.Tensor, list[dict]]]:
-        """Per image: (segment ids [orig_h, orig_w] int32, 0 = void; [{"id", "category_id", "isthing"}]).
-
-        thing_classes: the contiguous ids of "thing" classes (None: all); stuff segments of one class merge.
-        """
-        padded = outputs["padded_size"]
-        return [
-            panoptic_inference(logits, resize_mask_logits(masks.float(), padded, tuple(size), tuple(orig)),
-                               self.cfg.object_mask_threshold, self.cfg.overlap_threshold,
-                               self.cfg.pano_temperature, thing_classes)
-            for logits, masks, size, orig in zip(outputs["pred_logits"], outputs["pred_masks"], image_sizes, orig_sizes)
-        ]
-
-    @torch.no_grad()
     def pseudo_label_candidates(self, outputs: dict) -> PseudoLabelCandidates:
         """Final-layer evidence: sigmoid class scores, every query an object, mask logits [B, Q, h, w]
         and the box head's boxes as xyxy pixels of that mask canvas (h, w)."""
@@ -321,50 +294,3 @@ def instance_inference(pred_logits: torch.Tensor, pred_masks: torch.Tensor, pred
     scale = torch.tensor([pad_w / img_w * orig_w, pad_h / img_h * orig_h] * 2, device=pred_boxes.device)
     boxes = box_cxcywh_to_xyxy(pred_boxes[query_idx].float()) * scale
     return Instances(labels=labels, masks=masks, boxes=boxes, scores=class_scores * mask_scores)
-
-
-def semantic_inference(pred_logits: torch.Tensor, mask_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """pred_logits [Q, K], mask_logits [Q, h, w] -> [K, h, w] per-pixel class scores."""
-    class_probs = (pred_logits.float().sigmoid() / temperature).softmax(-1)
-    return torch.einsum("qc,qhw->chw", class_probs, mask_logits.float().sigmoid())
-
-
-def panoptic_inference(pred_logits: torch.Tensor, mask_logits: torch.Tensor, object_mask_threshold: float,
-                       overlap_threshold: float, temperature: float, thing_classes: Collection[int] | None = None
-                       ) -> tuple[torch.Tensor, list[dict]]:
-    """Mask2Former's panoptic merge with Mask DINO's scores.
-
-    pred_logits [Q, K], mask_logits [Q, h, w] -> (segment ids [h, w] int32, segments info).
-    Queries whose best sigmoid score exceeds `object_mask_threshold` are kept; their score and class
-    come from softmax(sigmoid / temperature). Each pixel goes to the kept query with the largest
-    score x mask probability; a query keeps its pixels where its mask probability is >= 0.5 if they are
-    at least `overlap_threshold` of its own mask. Stuff segments of one class share an id.
-    """
-    probs = pred_logits.float().sigmoid()
-    keep = probs.max(-1)[0] > object_mask_threshold
-    scores, classes = (probs / temperature).softmax(-1).max(-1)
-    scores, classes, mask_probs = scores[keep], classes[keep], mask_logits[keep].float().sigmoid()
-    segments = torch.zeros(mask_logits.shape[-2:], dtype=torch.int32, device=mask_logits.device)
-    info: list[dict] = []
-    if len(scores) == 0:
-        return segments, info
-    owner = (scores[:, None, None] * mask_probs).argmax(0)  # [h, w]
-    stuff_ids: dict[int, int] = {}
-    for k, label in enumerate(classes.tolist()):
-        is_thing = thing_classes is None or label in thing_classes
-        own = mask_probs[k] >= 0.5
-        won = owner == k
-        region = won & own
-        if not (won.any() and own.any() and region.any()):
-            continue
-        if won.sum().item() / own.sum().item() < overlap_threshold:
-            continue
-        if not is_thing and label in stuff_ids:
-            segments[region] = stuff_ids[label]
-            continue
-        segment_id = len(info) + 1
-        if not is_thing:
-            stuff_ids[label] = segment_id
-        segments[region] = segment_id
-        info.append({"id": segment_id, "category_id": label, "isthing": is_thing})
-    return segments, info

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, normalized_cxcywh
-from semiseg.models.criterion import SetCriterion, average_num_masks
+from semiseg.models.mask2former_criterion import SetCriterion, average_num_masks
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.structures import Instances
 

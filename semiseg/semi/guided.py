@@ -136,8 +136,6 @@ class GuidedDistillationTrainer(Trainer):
         with torch.autocast(device_type=self.device.type, enabled=False):
             outputs = self.teacher(batch.images, batch.image_sizes)
             pseudo_labels = self.pseudo_labeler(self.teacher.pseudo_label_candidates(outputs), batch.image_sizes)
-        if not self.cfg.semi.pseudo_labels.score_weighted_loss:
-            pseudo_labels = [p.with_scores(None) for p in pseudo_labels]
         self.pseudo_label_count += sum(len(p) for p in pseudo_labels)
         self.pseudo_label_images += len(pseudo_labels)
         return pseudo_labels
