@@ -23,11 +23,12 @@ from semiseg.data.datasets import Sample
 from semiseg.data.images import read_image
 from semiseg.data.loader import collate
 from semiseg.data.masks import encode_rle
-from semiseg.engine.checkpoint import atomic_write, weights_file
+from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import select_device
 from semiseg.engine.evaluate import load_named_model
 from semiseg.errors import DataError
 from semiseg.structures import Instances
+from semiseg.weights import atomic_write
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 

@@ -47,7 +47,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from semiseg.engine.convert import convert_checkpoint
+    from semiseg.weights import convert_checkpoint
 
     convert_checkpoint(args.src, args.dst, which=args.which)
 

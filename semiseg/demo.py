@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from semiseg.config import Config, apply_overrides
-from semiseg.engine.checkpoint import atomic_write
 from semiseg.errors import ConfigError
 from semiseg.structures import Instances
+from semiseg.weights import atomic_write
 
 PRETRAINED = "semiseg:tiny_resnet_pretext"  # shipped with the package (docs/pretrained.md)
 MODELS = {  # the tiny models of configs/synthetic_{mask2former,maskdino}_tiny.yaml

@@ -18,7 +18,6 @@ import torch
 from semiseg.config import Config, load_config, save_config
 from semiseg.data.coco import load_coco_instances
 from semiseg.data.records import DatasetRecords
-from semiseg.engine.checkpoint import WeightsInfo
 from semiseg.engine.distributed import (collective, destroy_distributed, get_rank, get_world_size, init_distributed,
                                         is_main_process, limit_cpu_threads, seed_everything, select_device)
 from semiseg.engine.evaluate import build_eval_loader_for, evaluate_model
@@ -29,6 +28,7 @@ from semiseg.errors import ConfigError
 from semiseg.evaluation import CocoEvaluator
 from semiseg.models.build import build_model
 from semiseg.semi.guided import build_guided_trainer
+from semiseg.weights import WeightsInfo
 
 logger = logging.getLogger("semiseg")
 

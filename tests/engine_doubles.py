@@ -16,7 +16,7 @@ from torch import nn
 from semiseg.config import Config, apply_overrides
 from semiseg.data.datasets import Sample
 from semiseg.data.samplers import InfiniteSampler
-from semiseg.engine.checkpoint import WeightsInfo
+from semiseg.weights import WeightsInfo
 from semiseg.engine.run_dir import RunDir, prepare_run_dir
 from semiseg.engine.stream import BatchStream
 from semiseg.engine.trainer import Trainer

@@ -8,7 +8,8 @@ from PIL import Image
 
 from semiseg.api import load, predict_to_dir
 from semiseg.config import Config, apply_overrides, config_to_dict
-from semiseg.engine.checkpoint import WeightsInfo, save_weights
+from semiseg.engine.checkpoint import save_weights
+from semiseg.weights import WeightsInfo
 from semiseg.errors import CheckpointError, DataError
 from semiseg.models.build import build_model
 from semiseg.structures import masks_to_boxes

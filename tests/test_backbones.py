@@ -10,7 +10,7 @@ from semiseg.errors import CheckpointError, ConfigError
 from semiseg.models.backbones import BackboneConfig, build_backbone
 from semiseg.models.backbones.swin import SwinBackbone
 from semiseg.models.frozen_bn import FrozenBatchNorm2d, freeze_batchnorm
-from semiseg.models.weights import load_checkpoint_file, save_safetensors_atomic
+from semiseg.weights import load_checkpoint_file, save_safetensors_atomic
 
 STAGES = ("res2", "res3", "res4", "res5")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from engine_doubles import CLASS_NAMES, PixelClassifier, parameters, toy_config, toy_trainer
 
-from semiseg.engine.checkpoint import (STATE_FILE, WeightsInfo, atomic_write, capture_rng_state, read_weights,
-                                       resolve_checkpoint_dir, restore_rng_state, save_checkpoint, weights_file)
+from semiseg.engine.checkpoint import STATE_FILE, capture_rng_state, resolve_checkpoint_dir, restore_rng_state, save_checkpoint, weights_file
+from semiseg.weights import WeightsInfo, atomic_write, read_weights
 from semiseg.errors import CheckpointError, ConfigError
 
 

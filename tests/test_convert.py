@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 from semiseg.cli import main
-from semiseg.engine.convert import convert_checkpoint, load_model_weights
+from semiseg.weights import convert_checkpoint, load_weights_into
 from semiseg.errors import CheckpointError
 from semiseg.models.backbones.resnet import build_tiny_resnet
 from semiseg.models.mask2former import Mask2Former, Mask2FormerConfig
@@ -41,7 +41,7 @@ def test_detectron2_pkl_converts_and_loads_strictly(tmp_path):
 
     fresh = tiny_model(seed=2)
     assert not torch.equal(outputs_of(fresh)["pred_masks"], outputs_of(official)["pred_masks"])
-    assert load_model_weights(fresh, weights, strict=True) == ([], [])
+    assert load_weights_into(fresh, weights, "checkpoint", strict=True) == ([], [])
     for key in ("pred_logits", "pred_masks", "mask_features"):
         assert torch.equal(outputs_of(fresh)[key], outputs_of(official)[key])
 
@@ -57,7 +57,7 @@ def test_guided_distillation_checkpoint_picks_the_right_model(tmp_path, capsys, 
     assert f"took the {expected} weights" in capsys.readouterr().out
     weights = safetensors.torch.load_file(dst)
     fresh = tiny_model(seed=5)
-    load_model_weights(fresh, weights)
+    load_weights_into(fresh, weights, "checkpoint", strict=True)
     assert torch.equal(outputs_of(fresh)["pred_masks"], outputs_of(models[expected])["pred_masks"])
 
 
@@ -77,7 +77,7 @@ def test_mismatched_checkpoint_is_a_one_line_error_listing_keys(tmp_path):
     del state["sem_seg_head.predictor.query_feat.weight"]
     state["sem_seg_head.predictor.extra.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError) as info:
-        load_model_weights(model, state, source=tmp_path / "other.safetensors")
+        load_weights_into(model, state, tmp_path / "other.safetensors", strict=True)
     message = str(info.value)
     assert "\n" not in message and message.startswith(str(tmp_path / "other.safetensors"))
     assert "3 shape mismatches" in message and "class_embed.weight (6, 32) vs model (4, 32)" in message
@@ -86,7 +86,7 @@ def test_mismatched_checkpoint_is_a_one_line_error_listing_keys(tmp_path):
     # not strict: names may differ, shapes still must fit
     del state["sem_seg_head.predictor.extra.weight"]
     with pytest.raises(CheckpointError, match="shape mismatches"):
-        load_model_weights(model, state, strict=False)
+        load_weights_into(model, state, "checkpoint", strict=False)
 
 
 def test_non_model_checkpoints_and_bad_options_are_refused(tmp_path):

@@ -18,7 +18,7 @@ from semiseg.data.splits import write_splits
 from semiseg.data.synthetic import write_synthetic_dataset
 from semiseg.data.transforms import AugmentationConfig
 from semiseg.data.unlabeled import load_unlabeled
-from semiseg.engine.checkpoint import read_weights
+from semiseg.weights import read_weights
 from semiseg.engine.evaluate import evaluate_from_cli
 from semiseg.engine.run_dir import close_run_log
 from semiseg.training import build_trainer, train

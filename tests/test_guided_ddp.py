@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from test_guided import data, gd_config  # noqa: F401  (`data` is the module-scoped fixture)
 
-from semiseg.engine.checkpoint import read_weights
+from semiseg.weights import read_weights
 
 
 def free_port() -> int:

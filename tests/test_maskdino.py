@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from semiseg.engine.convert import convert_checkpoint, load_model_weights
+from semiseg.weights import convert_checkpoint, load_weights_into
 from semiseg.errors import ConfigError
 from semiseg.evaluation import CocoEvaluator
 from semiseg.models.backbones.resnet import build_tiny_resnet
@@ -302,7 +302,7 @@ def test_official_named_checkpoint_converts_and_loads_strictly(tmp_path):
     images, sizes, _ = batch()
     with torch.no_grad():
         before = fresh(images, sizes)["pred_boxes"]
-        load_model_weights(fresh, weights, strict=True)
+        load_weights_into(fresh, weights, "checkpoint", strict=True)
         after, reference = fresh(images, sizes), official(images, sizes)
     assert not torch.equal(before, reference["pred_boxes"])
     for key in ("pred_logits", "pred_boxes", "pred_masks"):

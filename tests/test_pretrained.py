@@ -8,7 +8,7 @@ from semiseg.data.pretext_shapes import PRETEXT_CLASSES, render_pretext_image
 from semiseg.errors import CheckpointError
 from semiseg.models.backbones import BackboneConfig, build_backbone
 from semiseg.models.preprocess import IMAGENET_MEAN_255, IMAGENET_STD_255
-from semiseg.models.weights import SHIPPED_WEIGHTS, load_checkpoint_file
+from semiseg.weights import SHIPPED_WEIGHTS, load_checkpoint_file
 
 PROBE_SEED = 1000  # the pretraining script renders seed 0; the probe images are new ones
 

@@ -14,7 +14,7 @@ from semiseg.config import apply_overrides
 from semiseg.data.datasets import Sample
 from semiseg.data.loader import collate
 from semiseg.data.samplers import InfiniteSampler
-from semiseg.engine.checkpoint import WeightsInfo
+from semiseg.weights import WeightsInfo
 from semiseg.engine.run_dir import prepare_run_dir
 from semiseg.engine.stream import BatchStream
 from semiseg.models.build import build_model

@@ -8,7 +8,8 @@ import yaml
 import torch
 from engine_doubles import parameters, toy_config, toy_trainer
 
-from semiseg.engine.checkpoint import STATE_FILE, read_weights
+from semiseg.engine.checkpoint import STATE_FILE
+from semiseg.weights import read_weights
 from semiseg.engine.trainer import Trainer, metric_value
 from semiseg.errors import ConfigError, TrainingError
 from semiseg.evaluation import SUMMARY_KEYS

@@ -14,7 +14,7 @@ from torch import nn
 from semiseg.errors import CheckpointError
 from semiseg.models.backbones import BackboneConfig, build_backbone
 from semiseg.models.backbones.resnet import torchvision_to_detectron2_names
-from semiseg.models.weights import load_checkpoint_file, load_weights_into, save_safetensors_atomic
+from semiseg.weights import load_checkpoint_file, load_weights_into, save_safetensors_atomic
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -154,13 +154,16 @@ def test_missing_file_raises_checkpoint_error(tmp_path):
 def test_load_weights_into_checks_names_and_shapes():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     state = {k: v + 1 for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
-    unexpected = load_weights_into(model, {**state, "extra.weight": torch.zeros(1)}, "file.pth")
-    assert unexpected == ["extra.weight"]
+    missing, unexpected = load_weights_into(model, {**state, "extra.weight": torch.zeros(1)}, "file.pth")
+    assert (missing, unexpected) == (["1.num_batches_tracked"], ["extra.weight"])
     torch.testing.assert_close(model[0].weight, state["0.weight"])
-    with pytest.raises(CheckpointError, match=r"file\.pth: 1 shape mismatches, e\.g\. 0\.bias \(4,\) vs \(3,\)"):
+    with pytest.raises(CheckpointError, match=r"file\.pth: does not fit the model: 1 shape mismatches: "
+                                              r"0\.bias \(4,\) vs model \(3,\)$"):
         load_weights_into(model, {**state, "0.bias": torch.zeros(4)}, "file.pth")
-    with pytest.raises(CheckpointError, match=r"file\.pth: lacks 1 weights of the model, e\.g\. 1\.running_var"):
+    with pytest.raises(CheckpointError, match=r"file\.pth: does not fit the model: 1 missing: 1\.running_var$"):
         load_weights_into(model, {k: v for k, v in state.items() if k != "1.running_var"}, "file.pth")
+    with pytest.raises(CheckpointError, match=r"file\.pth: does not fit the model: 1 unexpected: extra\.weight$"):
+        load_weights_into(model, {**state, "extra.weight": torch.zeros(1)}, "file.pth", strict=True)
     without_bn = {k: v for k, v in state.items() if not k.startswith("1.")}
     load_weights_into(model, without_bn, "file.pth", may_be_missing=["1."])
 

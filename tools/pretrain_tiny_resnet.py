@@ -27,7 +27,7 @@ from tqdm import tqdm
 from semiseg.data.pretext_shapes import PRETEXT_CLASSES, render_pretext_image
 from semiseg.models.backbones.resnet import build_tiny_resnet
 from semiseg.models.preprocess import IMAGENET_MEAN_255, IMAGENET_STD_255
-from semiseg.models.weights import save_safetensors_atomic
+from semiseg.weights import save_safetensors_atomic
 
 
 class DenseHead(nn.Module):

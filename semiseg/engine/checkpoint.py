@@ -19,65 +19,18 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from semiseg.errors import CheckpointError
-from semiseg.models.weights import save_safetensors_atomic
+from semiseg.weights import WeightsInfo, atomic_write, fsync_dir, save_safetensors_atomic
 
 STATE_FILE = "state.pt"
 FORMAT = "semiseg-1"
-
-
-@dataclass
-class WeightsInfo:
-    """What a semiseg weights file says about itself (from its safetensors metadata)."""
-
-    config: dict[str, Any] | None  # the resolved training config (`semiseg.config.config_to_dict`)
-    class_names: list[str]
-    category_ids: list[int]
-    name: str  # "model", "student" or "teacher"
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside `directory` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it to `path`.
-
-    If `write` raises, the temporary file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], info: WeightsInfo) -> None:
@@ -91,29 +44,6 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], info: WeightsI
     if info.config is not None:
         metadata["config"] = json.dumps(info.config)
     save_safetensors_atomic(state_dict, path, metadata=metadata)
-
-
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
-    """Tensors and metadata of a `.safetensors` file (metadata may be absent for converted files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        info = WeightsInfo(
-            config=json.loads(meta["config"]) if "config" in meta else None,
-            class_names=json.loads(meta.get("class_names", "[]")),
-            category_ids=json.loads(meta.get("category_ids", "[]")),
-            name=meta.get("name", path.stem),
-        )
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt semiseg metadata ({e})") from None
-    return tensors, info
 
 
 def weights_file(path: Path, name: str) -> Path:

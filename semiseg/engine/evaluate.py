@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from semiseg.config import Config, apply_overrides, config_from_dict, load_config
-from semiseg.engine.checkpoint import WeightsInfo, atomic_write, read_weights, weights_file
+from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import (broadcast_object, destroy_distributed, get_rank, get_world_size,
                                         init_distributed, is_main_process, select_device, limit_cpu_threads)
 from semiseg.errors import CheckpointError, ConfigError
 from semiseg.evaluation import CocoEvaluator, format_metrics
+from semiseg.weights import WeightsInfo, atomic_write, load_weights_into, read_weights
 
 WHO = {"student": ("student",), "teacher": ("teacher",), "both": ("student", "teacher")}
 
@@ -67,7 +68,6 @@ def build_eval_loader_for(cfg: Config, ann: Path, images: Path, class_names: lis
 
 def load_named_model(path: Path, cfg: Config | None, device: torch.device) -> tuple[nn.Module, Config, WeightsInfo]:
     """Rebuild a model from a weights file: its embedded config (or `cfg`), then its weights."""
-    from semiseg.engine.convert import load_model_weights
     from semiseg.models.build import build_model
 
     tensors, info = read_weights(path)
@@ -80,7 +80,7 @@ def load_named_model(path: Path, cfg: Config | None, device: torch.device) -> tu
     if num_classes < 1:
         raise ConfigError(f"{path}: unknown number of classes: set model.num_classes in the config")
     model = build_model(cfg.model, num_classes, load_backbone_weights=False)
-    load_model_weights(model, tensors, strict=True, source=path)
+    load_weights_into(model, tensors, path, strict=True)
     return model.to(device).eval(), cfg, info
 
 

@@ -29,8 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from semiseg.config import Config, config_to_dict
-from semiseg.engine.checkpoint import (WeightsInfo, capture_rng_state, load_training_state, read_weights,
-                                       restore_rng_state, save_checkpoint, weights_file)
+from semiseg.engine.checkpoint import capture_rng_state, load_training_state, restore_rng_state, save_checkpoint, weights_file
 from semiseg.engine.distributed import (all_gather_object, all_ranks_true, barrier, get_rank, get_world_size,
                                         is_main_process, reduce_dict, wrap_ddp)
 from semiseg.engine.optim import build_lr_scheduler, build_optimizer, clip_full_model_grad_norm, lr_factor
@@ -39,6 +38,7 @@ from semiseg.engine.stream import BatchStream
 from semiseg.errors import TrainingError
 from semiseg.evaluation import format_metrics
 from semiseg.structures import Batch
+from semiseg.weights import WeightsInfo, load_weights_into, read_weights
 
 logger = logging.getLogger("semiseg.train")
 
@@ -281,11 +281,9 @@ class Trainer:
 
     def load_checkpoint(self, directory) -> None:
         """Restore models and training state from a checkpoint folder written by `save`."""
-        from semiseg.engine.convert import load_model_weights
-
         for name, model in self.checkpoint_models().items():
             path = weights_file(directory, name)
-            load_model_weights(model, read_weights(path)[0], strict=True, source=path)
+            load_weights_into(model, read_weights(path)[0], path, strict=True)
         self.load_state_dict(load_training_state(directory))
         logger.info("resumed from %s at iteration %d", directory, self.iteration)
 

@@ -28,18 +28,18 @@ from semiseg.data.datasets import UnlabeledDataset
 from semiseg.data.records import DatasetRecords
 from semiseg.data.samplers import InfiniteSampler
 from semiseg.data.unlabeled import load_unlabeled
-from semiseg.engine.checkpoint import WeightsInfo, read_weights, weights_file
-from semiseg.engine.convert import GD_PREFIXES, select_model_weights
+from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import collective, get_rank, get_world_size, is_distributed
 from semiseg.engine.run_dir import RunDir
 from semiseg.engine.stream import BatchStream, build_labeled_stream, per_rank_batch
 from semiseg.engine.trainer import EvaluateFn, Trainer
 from semiseg.errors import ConfigError
 from semiseg.models.build import build_model
-from semiseg.models.weights import load_checkpoint_file, load_weights_into
 from semiseg.semi.ema import copy_weights, freeze, update_teacher
 from semiseg.semi.pseudo_labels import PseudoLabelFilter
 from semiseg.structures import Batch, Instances
+from semiseg.weights import (GD_PREFIXES, WeightsInfo, load_checkpoint_file, load_weights_into, read_weights,
+                             select_model_weights)
 
 logger = logging.getLogger("semiseg.train")
 

@@ -18,7 +18,7 @@ from semiseg.models.backbones.base import Backbone
 from semiseg.models.backbones.resnet import build_bottleneck_resnet, build_tiny_resnet, torchvision_resnet_state_dict
 from semiseg.models.backbones.swin import SWIN_MODELS, build_swin
 from semiseg.models.backbones.vit import VIT_MODELS, build_vit
-from semiseg.models.weights import load_checkpoint_file
+from semiseg.weights import load_checkpoint_file
 
 RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 BACKBONE_NAMES = ("tiny_resnet", *RESNET_DEPTHS, *SWIN_MODELS, *VIT_MODELS)

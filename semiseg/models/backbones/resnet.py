@@ -21,7 +21,7 @@ from torch import nn
 
 from semiseg.models.backbones.base import STAGES, Backbone, Conv2dNorm, freeze_modules, strip_prefix
 from semiseg.models.frozen_bn import FrozenBatchNorm2d
-from semiseg.models.weights import load_weights_into
+from semiseg.weights import load_weights_into
 
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "frozen_bn": FrozenBatchNorm2d,

@@ -24,7 +24,7 @@ from torch import nn
 
 from semiseg.models.backbones.base import (STAGES, Backbone, freeze_modules, pad_to_multiple, strip_prefix,
                                            timm_pixel_stats)
-from semiseg.models.weights import load_weights_into
+from semiseg.weights import load_weights_into
 
 if TYPE_CHECKING:  # timm is imported when a Swin is built: importing it takes seconds
     from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock

@@ -21,7 +21,7 @@ from torch import nn
 
 from semiseg.models.backbones.base import (STAGES, Backbone, Conv2dNorm, freeze_modules, pad_to_multiple, strip_prefix,
                                            timm_pixel_stats)
-from semiseg.models.weights import load_weights_into
+from semiseg.weights import load_weights_into
 
 if TYPE_CHECKING:  # timm is imported when a ViT is built: importing it takes seconds
     from timm.models.vision_transformer import VisionTransformer
