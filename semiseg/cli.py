@@ -20,23 +20,22 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _split(args: argparse.Namespace) -> None:
-    from semiseg.data.splits import write_splits
+    from semiseg.workflow import split
 
-    write_splits(args.ann, args.percent, seed=args.seed, out_dir=args.out,
-                 write_unlabeled=args.unlabeled, labeled_lists=args.from_lists)
+    split(args.ann, args.percent, args.out, seed=args.seed, unlabeled=args.unlabeled, from_lists=args.from_lists)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from semiseg.training import train_from_config_file
+    from semiseg.workflow import train
 
-    train_from_config_file(args.config, args.overrides, resume=args.resume)
+    train(args.config, *args.overrides, resume=args.resume)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from semiseg.engine.evaluate import evaluate_from_cli
+    from semiseg.workflow import evaluate
 
-    evaluate_from_cli(args.weights, config=args.config, overrides=args.overrides, who=args.who,
-                      ann=args.ann, images=args.images, out=args.out)
+    evaluate(args.weights, *args.overrides, config=args.config, who=args.who, ann=args.ann, images=args.images,
+             out=args.out)
 
 
 def _predict(args: argparse.Namespace) -> None:

@@ -11,11 +11,10 @@ import dataclasses
 import functools
 import logging
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from semiseg.config import Config, load_config, save_config
+from semiseg.config import Config, save_config
 from semiseg.data.coco import load_coco_instances
 from semiseg.data.records import DatasetRecords
 from semiseg.engine.distributed import (collective, destroy_distributed, get_rank, get_world_size, init_distributed,
@@ -31,11 +30,6 @@ from semiseg.semi.guided import build_guided_trainer
 from semiseg.weights import WeightsInfo
 
 logger = logging.getLogger("semiseg")
-
-
-def train_from_config_file(config_path: Path | str, overrides: Iterable[str] = (), resume: bool = False) -> Path:
-    """`semiseg train --config FILE [--resume] [key=value ...]`; returns the run directory."""
-    return train(load_config(config_path, overrides), resume=resume)
 
 
 def train(cfg: Config, resume: bool = False) -> Path:
