@@ -36,6 +36,7 @@ import torch
 
 from semiseg.config import Config, apply_overrides
 from semiseg.demo import DemoSettings, base_overrides, default_settings, run_pipeline, student_overrides
+from semiseg.models.registry import META_ARCHITECTURES
 from semiseg.training import train
 
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--percents", type=float, nargs="+", default=[10])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--model", choices=["mask2former", "maskdino"], default="mask2former")
+    parser.add_argument("--model", choices=list(META_ARCHITECTURES), default="mask2former")
     parser.add_argument("--ann", type=Path, help="training COCO json (default: the built-in dataset)")
     parser.add_argument("--images", type=Path, help="training image folder (with --ann)")
     parser.add_argument("--val-ann", type=Path, help="validation COCO json (with --ann)")

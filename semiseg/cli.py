@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from semiseg.errors import SemisegError
+from semiseg.models.registry import META_ARCHITECTURES
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="teacher -> student Guided Distillation on the built-in dataset")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
-    p.add_argument("--model", choices=["mask2former", "maskdino"], default="mask2former")
+    p.add_argument("--model", choices=list(META_ARCHITECTURES), default="mask2former")
     p.add_argument("--quick", action="store_true", help="a minutes-long smoke run (used by CI)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)

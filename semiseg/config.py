@@ -9,6 +9,10 @@ mean" suggestion: a misspelt key never falls back to a default silently.
 Paths (fields typed `Path`) given relatively in a YAML file are relative to that file's folder;
 in an override, to the current directory. `save_config` writes the resolved config (absolute paths).
 
+A file may start from another with `base: OTHER.yaml` (relative to the file) or a preset shipped
+with the package, `base: semiseg:tiny_mask2former` / `semiseg:tiny_maskdino` (`PRESETS`): the
+base is read first (its paths relative to itself), then the file's keys replace its keys.
+
 Adding a section (e.g. the semi-supervised one) is one field on `Config` with a dataclass type;
 parsing, overrides, type checks and saving follow from the type.
 """
@@ -30,26 +34,30 @@ from semiseg.evaluation import IOU_TYPES, SUMMARY_KEYS
 from semiseg.models.backbones import BackboneConfig
 from semiseg.models.mask2former import Mask2FormerConfig
 from semiseg.models.maskdino import MaskDINOConfig
+from semiseg.models.registry import META_ARCHITECTURES
 from semiseg.semi.config import SemiConfig
 from semiseg.weights import SHIPPED_PREFIX
 
 
 @dataclass
 class ModelConfig:
-    """arch: meta-architecture ("mask2former" or "maskdino", configured by the section of that name);
+    """arch: meta-architecture (a key of `models.registry.META_ARCHITECTURES`: "mask2former" or "maskdino",
+    configured by the section of that name);
     num_classes: 0 = the number of categories of `data.train_ann`.
 
     `num_classes` is the one place to set the class count: the meta-architecture sections' own
     `num_classes` are overwritten with it (once known).
     """
 
-    arch: Literal["mask2former", "maskdino"] = "mask2former"
+    arch: str = "mask2former"
     num_classes: int = 0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
     maskdino: MaskDINOConfig = field(default_factory=MaskDINOConfig)
 
     def __post_init__(self) -> None:
+        if self.arch not in META_ARCHITECTURES:
+            raise ConfigError(f"model.arch={self.arch!r}: expected one of {', '.join(META_ARCHITECTURES)}")
         if self.num_classes < 0:
             raise ConfigError(f"model.num_classes={self.num_classes}: expected >= 1 (or 0 = from data.train_ann)")
         if self.num_classes > 0 and self.mask2former.num_classes != self.num_classes:
@@ -60,7 +68,7 @@ class ModelConfig:
     @property
     def head(self) -> Mask2FormerConfig | MaskDINOConfig:
         """The section of the selected `arch` (e.g. for its `size_divisibility`)."""
-        return self.maskdino if self.arch == "maskdino" else self.mask2former
+        return getattr(self, self.arch)
 
 
 @dataclass
@@ -188,9 +196,36 @@ class _Override:
             self.value = text
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+PRESETS = {path.stem: path for path in sorted(PRESETS_DIR.glob("*.yaml"))}
+
+
 def load_config(path: Path | str, overrides: typing.Iterable[str] = ()) -> Config:
-    """Read a YAML config, resolve its relative paths against its folder, apply `key=value` overrides."""
-    path = Path(path)
+    """Read a YAML config (and its `base`), resolve its relative paths against its folder, apply overrides."""
+    return apply_overrides(_load_with_base(Path(path), seen=()), overrides)
+
+
+def preset_path(name: str) -> Path:
+    """The file of the shipped preset `semiseg:NAME` (ConfigError naming the choices)."""
+    name = name.removeprefix(SHIPPED_PREFIX)
+    if name not in PRESETS:
+        raise ConfigError(f"{SHIPPED_PREFIX}{name}: no such preset; choose one of "
+                          f"{', '.join(SHIPPED_PREFIX + n for n in PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_overrides(name: str) -> list[str]:
+    """The shipped preset `name` as `key=value` overrides (what it sets, and nothing else)."""
+    def flatten(node: dict, prefix: str) -> list[str]:
+        items = []
+        for key, value in node.items():
+            items += flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"]
+        return items
+
+    return flatten(_read_yaml(preset_path(name)), "")
+
+
+def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -205,9 +240,30 @@ def load_config(path: Path | str, overrides: typing.Iterable[str] = ()) -> Confi
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, solver, train), got {type(data).__name__}")
+    return data
+
+
+def _load_with_base(path: Path, seen: tuple[Path, ...]) -> Config:
+    """`path` on top of its `base` (recursively; a cycle is a ConfigError)."""
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base must be a config file or a semiseg:PRESET name, got {base!r}")
+        base_path = preset_path(base) if base.startswith(SHIPPED_PREFIX) else (path.resolve().parent / base).resolve()
+        if base_path in seen:
+            raise ConfigError(f"{path}: base {base} includes itself")
+        data = _merged(config_to_dict(_load_with_base(base_path, (*seen, path.resolve()))), data)
     cfg = config_from_dict(data, base_dir=path.resolve().parent, source=str(path))
-    cfg = config_from_dict(config_to_dict(cfg), base_dir=Path.cwd(), source=str(path))  # defaults: cwd
-    return apply_overrides(cfg, overrides)
+    return config_from_dict(config_to_dict(cfg), base_dir=Path.cwd(), source=str(path))  # defaults: cwd
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """`base` with `top`'s keys replacing its keys, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def apply_overrides(cfg: Config, overrides: typing.Iterable[str], base_dir: Path | None = None) -> Config:

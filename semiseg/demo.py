@@ -9,9 +9,9 @@
 5. print teacher, student and reference mask AP on the validation images, save overlays of a few
    of them (ground truth | teacher | student) and write every number to `results.json`.
 
-The model is the tiny Mask2Former of `configs/synthetic_mask2former_tiny.yaml` (`--model maskdino`:
-the tiny Mask DINO of `configs/synthetic_maskdino_tiny.yaml`) on the shipped pretrained tiny
-ResNet (`semiseg:tiny_resnet_pretext`, docs/pretrained.md). `run_pipeline(..., dataset=...)` runs
+The model is the tiny Mask2Former of the preset `semiseg:tiny_mask2former` (`--model maskdino`:
+`semiseg:tiny_maskdino`), on the shipped pretrained tiny ResNet (`semiseg:tiny_resnet_pretext`,
+docs/pretrained.md); `configs/synthetic_*_tiny.yaml` use the same presets. `run_pipeline(..., dataset=...)` runs
 the same pipeline on any COCO dataset (benchmarks/semi_supervised.py --ann).
 docs/guided_distillation.md reports what the demo and its benchmark measured.
 """
@@ -29,31 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from semiseg.config import Config, apply_overrides
+from semiseg.config import Config, apply_overrides, preset_overrides
 from semiseg.errors import ConfigError
+from semiseg.models.registry import META_ARCHITECTURES
 from semiseg.structures import Instances
 from semiseg.weights import atomic_write
 
-PRETRAINED = "semiseg:tiny_resnet_pretext"  # shipped with the package (docs/pretrained.md)
-MODELS = {  # the tiny models of configs/synthetic_{mask2former,maskdino}_tiny.yaml
-    "mask2former": [
-        "model.arch=mask2former", "model.backbone.name=tiny_resnet", f"model.backbone.weights={PRETRAINED}",
-        "model.mask2former.hidden_dim=64",
-        "model.mask2former.num_queries=20", "model.mask2former.nheads=4", "model.mask2former.dim_feedforward=128",
-        "model.mask2former.dec_layers=4", "model.mask2former.enc_layers=2", "model.mask2former.enc_dim_feedforward=128",
-        "model.mask2former.conv_dim=64", "model.mask2former.mask_dim=64", "model.mask2former.train_num_points=1024",
-        "model.mask2former.test_topk=50",
-    ],
-    "maskdino": [
-        "model.arch=maskdino", "model.backbone.name=tiny_resnet", f"model.backbone.weights={PRETRAINED}",
-        "model.maskdino.hidden_dim=64",
-        "model.maskdino.num_queries=20", "model.maskdino.nheads=4", "model.maskdino.dec_nheads=4",
-        "model.maskdino.dim_feedforward=128", "model.maskdino.dec_layers=3", "model.maskdino.enc_layers=2",
-        "model.maskdino.enc_dim_feedforward=128", "model.maskdino.conv_dim=64", "model.maskdino.mask_dim=64",
-        "model.maskdino.total_num_feature_levels=3", "model.maskdino.dn_num=20",
-        "model.maskdino.train_num_points=1024", "model.maskdino.test_topk=50",
-    ],
-}
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes and schedules of one demo run.
@@ -61,7 +42,7 @@ class DemoSettings:
     num_train / num_val: synthetic images (all training images but the labeled ones are unlabeled)
     percent:             labeled share of the training images
     teacher_iters:       stage-1 iterations; student_iters: stage-2 iterations
-    model:               "mask2former" or "maskdino" (a key of MODELS)
+    model:               a meta-architecture ("mask2former" or "maskdino"): its preset `semiseg:tiny_<model>`
     burn_in_iter / ema_decay / student_init: the `semi:` settings of stage 2
     """
 
@@ -87,7 +68,7 @@ DEFAULT = DemoSettings(num_train=1000, num_val=500, image_size=128, percent=10, 
                        student_init="teacher", burn_in_iter=300, ema_decay=0.99, num_workers=1, num_overlays=4)
 QUICK = DemoSettings(num_train=40, num_val=10, image_size=64, percent=10, batch_size=2,
                      teacher_iters=20, teacher_lr=1e-3, student_iters=10, student_lr=3e-4,
-                     student_init="teacher", burn_in_iter=5, ema_decay=0.9, num_workers=0, num_overlays=2)
+                     student_init="teacher", burn_in_iter=5, ema_decay=0.9, num_workers=1, num_overlays=2)
 
 
 def run_demo(out_dir: Path, model: str = "mask2former", quick: bool = False, device: str | None = None,
@@ -123,8 +104,8 @@ def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = Non
     from semiseg.data.synthetic import write_synthetic_dataset
     from semiseg.training import train
 
-    if settings.model not in MODELS:
-        raise ConfigError(f"semiseg demo --model {settings.model}: expected one of {', '.join(MODELS)}")
+    if settings.model not in META_ARCHITECTURES:
+        raise ConfigError(f"semiseg demo --model {settings.model}: expected one of {', '.join(META_ARCHITECTURES)}")
     _claim(out_dir)
     start = time.perf_counter()
     if dataset is None:
@@ -143,15 +124,19 @@ def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = Non
     reference = start_reference(base_overrides(settings, data, data["train_ann"], device, seed)
                                 + reference_overrides(settings, reference_dir), reference_dir)
 
-    _stage(2, f"teacher: supervised on the labeled images, {settings.teacher_iters} iterations "
-              f"(the 100 % reference trains meanwhile in a second process, log: {reference_dir / 'console.txt'})")
-    teacher_run = train(apply_overrides(Config(), common + teacher_overrides(settings, out_dir / "teacher")))
-    teacher_weights = teacher_run / "checkpoints" / "last"
-
-    _stage(3, f"student: Guided Distillation with {_count_images(unlabeled)} unlabeled images, "
-              f"{settings.student_iters} iterations")
-    student_run = train(apply_overrides(Config(), common + student_overrides(
-        settings, out_dir / "student", teacher_weights, unlabeled, data["train_images"])))
+    try:
+        _stage(2, f"teacher: supervised on the labeled images, {settings.teacher_iters} iterations (the 100 % "
+                  f"reference trains meanwhile in a second process, log: {reference_dir / 'console.txt'})")
+        teacher_run = train(apply_overrides(Config(), common + teacher_overrides(settings, out_dir / "teacher")))
+        teacher_weights = teacher_run / "checkpoints" / "last"
+        _stage(3, f"student: Guided Distillation with {_count_images(unlabeled)} unlabeled images, "
+                  f"{settings.student_iters} iterations")
+        student_run = train(apply_overrides(Config(), common + student_overrides(
+            settings, out_dir / "student", teacher_weights, unlabeled, data["train_images"])))
+    except BaseException:  # a failed or interrupted stage stops the reference too
+        if reference is not None:
+            reference.terminate()
+        raise
 
     _stage(4, "the 100 % reference: waiting for it to finish")
     finish_reference(reference, reference_dir)
@@ -191,7 +176,7 @@ def start_reference(overrides: list[str], run_dir: Path) -> multiprocessing.Proc
     run_dir.mkdir(parents=True, exist_ok=True)
     process = multiprocessing.get_context("spawn").Process(
         target=_train_logged, args=(overrides + [f"train.output_dir={run_dir}", "train.overwrite=true"],
-                                    run_dir / "console.txt"), daemon=True)
+                                    run_dir / "console.txt"))  # not a daemon: its data loader has workers
     process.start()
     return process
 
@@ -241,7 +226,7 @@ def base_overrides(settings: DemoSettings, data: dict[str, Path], labeled: Path,
                    seed: int) -> list[str]:
     """Config overrides shared by both stages: model, data (labeled json `labeled`), solver, device."""
     size = settings.image_size
-    return MODELS[settings.model] + [
+    return preset_overrides(f"tiny_{settings.model}") + [
         f"data.train_ann={labeled}", f"data.train_images={data['train_images']}",
         f"data.val_ann={data['val_ann']}", f"data.val_images={data['val_images']}",
         "data.augmentation.kind=lsj", f"data.augmentation.image_size={size}", "data.augmentation.min_scale=0.8",

@@ -151,3 +151,28 @@ def test_shipped_configs_load():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.solver.max_iter > 0, path
+
+
+def test_base_config_file_and_shipped_preset(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "base.yaml").write_text("base: semiseg:tiny_maskdino\ndata: {train_ann: a.json}\n"
+                                                "solver: {lr: 0.5, max_iter: 7}\n")
+    (tmp_path / "top.yaml").write_text("base: sub/base.yaml\nsolver: {lr: 0.25}\nmodel: {maskdino: {hidden_dim: 32}}\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert cfg.model.arch == "maskdino" and cfg.model.maskdino.hidden_dim == 32  # preset, then the file
+    assert cfg.model.maskdino.num_queries == 20 and str(cfg.model.backbone.weights) == "semiseg:tiny_resnet_pretext"
+    assert (cfg.solver.lr, cfg.solver.max_iter) == (0.25, 7)
+    assert cfg.data.train_ann == tmp_path / "sub" / "a.json"  # relative to the file that names it
+
+
+def test_bad_bases_are_one_line_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base a.yaml includes itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: semiseg:huge\n")
+    with pytest.raises(ConfigError, match="semiseg:huge: no such preset; choose one of semiseg:tiny_mask2former"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("model: {arch: yolo}\n")
+    with pytest.raises(ConfigError, match="model.arch='yolo': expected one of mask2former, maskdino"):
+        load_config(tmp_path / "d.yaml")

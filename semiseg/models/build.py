@@ -7,8 +7,7 @@ from torch import nn
 
 from semiseg.errors import ConfigError
 from semiseg.models.backbones import build_backbone
-from semiseg.models.mask2former import Mask2Former
-from semiseg.models.maskdino import MaskDINO
+from semiseg.models.registry import META_ARCHITECTURES
 
 
 def build_model(model_cfg, num_classes: int, load_backbone_weights: bool = True) -> nn.Module:
@@ -23,8 +22,7 @@ def build_model(model_cfg, num_classes: int, load_backbone_weights: bool = True)
     backbone_cfg = model_cfg.backbone
     if not load_backbone_weights:
         backbone_cfg = dataclasses.replace(backbone_cfg, weights=None, download=False)
-    architectures = {"mask2former": Mask2Former, "maskdino": MaskDINO}
-    if model_cfg.arch not in architectures:
-        raise ConfigError(f"model.arch={model_cfg.arch!r}: expected one of {', '.join(architectures)}")
+    if model_cfg.arch not in META_ARCHITECTURES:
+        raise ConfigError(f"model.arch={model_cfg.arch!r}: expected one of {', '.join(META_ARCHITECTURES)}")
     head_cfg = dataclasses.replace(model_cfg.head, num_classes=num_classes)
-    return architectures[model_cfg.arch](head_cfg, build_backbone(backbone_cfg))
+    return META_ARCHITECTURES[model_cfg.arch].model(head_cfg, build_backbone(backbone_cfg))

@@ -46,8 +46,7 @@ class BackboneConfig:
     pyramid_channels: ViT / DINOv2: channels of every simple-feature-pyramid level
     """
 
-    name: Literal["tiny_resnet", "resnet50", "resnet101", "swin_tiny", "swin_small", "swin_base", "swin_large",
-                  "vit_small", "vit_base", "vit_large", "dinov2_small", "dinov2_base", "dinov2_large"] = "resnet50"
+    name: str = "resnet50"
     norm: Literal["frozen_bn", "bn", "syncbn"] | None = None
     weights: Path | None = None
     freeze_at: int = 0
