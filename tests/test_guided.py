@@ -1,7 +1,7 @@
 """Guided Distillation end to end on CPU with the real tiny Mask2Former and the built-in dataset.
 
-One module-scoped fixture writes a tiny synthetic dataset, a 25 % labeled split with its
-unlabeled complement, and a stage-1 teacher checkpoint (one supervised iteration).
+The session-scoped `data` fixture (conftest.py) writes a tiny synthetic dataset, a 25 % labeled
+split with its unlabeled complement, and a stage-1 teacher checkpoint (one supervised iteration).
 """
 import json
 from dataclasses import replace
@@ -9,73 +9,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from gd_helpers import built, equal_states, gd_config, weights_of
 from PIL import Image
 
-from semiseg.config import Config, apply_overrides
 from semiseg.data.datasets import UnlabeledDataset
 from semiseg.data.loader import collate
-from semiseg.data.splits import write_splits
-from semiseg.data.synthetic import write_synthetic_dataset
 from semiseg.data.transforms import AugmentationConfig
 from semiseg.data.unlabeled import load_unlabeled
-from semiseg.weights import read_weights
 from semiseg.engine.evaluate import evaluate_from_cli
-from semiseg.engine.run_dir import close_run_log
-from semiseg.training import build_trainer, train
 from semiseg.errors import ConfigError
 from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.semi.guided import GuidedDistillationTrainer, read_teacher_weights
-
-TINY = ["model.backbone.name=tiny_resnet", "model.mask2former.hidden_dim=32", "model.mask2former.conv_dim=32",
-        "model.mask2former.mask_dim=32", "model.mask2former.nheads=4", "model.mask2former.dim_feedforward=64",
-        "model.mask2former.enc_dim_feedforward=64", "model.mask2former.enc_layers=1",
-        "model.mask2former.dec_layers=2", "model.mask2former.num_queries=8", "model.mask2former.test_topk=10",
-        "model.mask2former.train_num_points=128", "data.augmentation.image_size=64",
-        "data.augmentation.test_short_edge=64", "data.augmentation.test_max_size=64", "data.batch_size=2",
-        "data.unlabeled_batch_size=2", "data.num_workers=0", "solver.amp=none", "solver.lr=1e-3",
-        "train.device=cpu", "train.log_period=1", "train.checkpoint_period=1000", "train.eval_period=1000"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gd")
-    paths = write_synthetic_dataset(root / "synth", num_train=12, num_val=4, seed=0, image_size=64)
-    write_splits(paths["train_ann"], [25], seed=0, out_dir=root / "splits", write_unlabeled=True)
-    paths["labeled_ann"] = root / "splits" / "instances_train_25.json"
-    paths["unlabeled"] = root / "splits" / "instances_train_25_unlabeled.json"
-    stage1 = root / "stage1"
-    train(apply_overrides(Config(), TINY + [
-        f"data.train_ann={paths['labeled_ann']}", f"data.train_images={paths['train_images']}",
-        f"train.output_dir={stage1}", "solver.max_iter=1"]))
-    paths["teacher"] = stage1 / "checkpoints" / "last"
-    paths["root"] = root
-    return paths
-
-
-def gd_config(data, out, *overrides) -> Config:
-    """Stage 2 on the fixture's data; thresholds at 0 so that even an untrained teacher gives pseudo-labels."""
-    return apply_overrides(Config(), TINY + [
-        f"data.train_ann={data['labeled_ann']}", f"data.train_images={data['train_images']}",
-        f"data.unlabeled={data['unlabeled']}", f"data.unlabeled_images={data['train_images']}",
-        f"train.output_dir={out}", "semi.enabled=true", f"semi.teacher_weights={data['teacher']}",
-        "semi.pseudo_labels.score_threshold=0.0", "semi.pseudo_labels.min_area=0", *overrides])
-
-
-def built(cfg: Config):
-    """`build_trainer` as `semiseg train` runs it (without training), its log files closed again."""
-    try:
-        return build_trainer(cfg, torch.device("cpu"), resume=False)
-    finally:
-        close_run_log()
-
-
-def weights_of(folder, name):
-    return read_weights(folder / f"{name}.safetensors")[0]
-
-
-def equal_states(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
+from semiseg.training import train
 
 def test_semi_supervised_iterations_train_the_student_and_keep_the_teacher_during_burn_in(data, tmp_path):
     run = train(gd_config(data, tmp_path / "run", "solver.max_iter=3", "semi.burn_in_iter=100"))

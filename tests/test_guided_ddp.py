@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from test_guided import data, gd_config  # noqa: F401  (`data` is the module-scoped fixture)
+from gd_helpers import gd_config
 
 from semiseg.weights import read_weights
 

@@ -16,8 +16,8 @@ from semiseg.training import train
 from semiseg.errors import ConfigError
 from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.semi.pseudo_labels import ThresholdFilter
-from test_guided import TINY, built, data, equal_states, gd_config, weights_of  # noqa: F401  (`data`: fixture)
-from test_maskdino import SIZE, painted_images, rect_instances, tiny_model
+from gd_helpers import TINY, built, equal_states, gd_config, weights_of
+from maskdino_helpers import SIZE, painted_images, rect_instances, tiny_model
 
 MASKDINO = ["model.arch=maskdino", "model.maskdino.hidden_dim=32", "model.maskdino.conv_dim=32",
             "model.maskdino.mask_dim=32", "model.maskdino.nheads=4", "model.maskdino.dec_nheads=4",
