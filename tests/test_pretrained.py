@@ -67,6 +67,6 @@ def test_linear_probe_on_held_out_pretext_images_beats_chance_and_random_weights
         backbone = build_backbone(BackboneConfig(name="tiny_resnet", weights=weights))
         features = _probe_features(backbone, images)
         accuracies[name] = _linear_probe_accuracy(features[:240], labels[:240], features[240:], labels[240:])
-    chance = 1 / len(PRETEXT_CLASSES)
-    assert accuracies["pretrained"] > 4 * chance, accuracies
-    assert accuracies["pretrained"] > accuracies["random"] + 0.2, accuracies
+    chance = 1 / len(PRETEXT_CLASSES)  # measured: pretrained 0.82, random weights 0.07 (chance 0.08)
+    assert accuracies["pretrained"] > 7 * chance, accuracies
+    assert accuracies["pretrained"] > accuracies["random"] + 0.4, accuracies
