@@ -23,11 +23,13 @@ from semiseg.data.datasets import Sample
 from semiseg.data.images import read_image
 from semiseg.data.loader import collate
 from semiseg.data.masks import encode_rle
+from semiseg.data.unlabeled import image_files
 from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import select_device
 from semiseg.engine.evaluate import load_named_model
 from semiseg.errors import DataError
 from semiseg.structures import Instances
+from semiseg.visualize import save_overlay
 from semiseg.weights import atomic_write
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -91,8 +93,6 @@ def load(weights: Path | str, device: str | None = None, config: Path | str | No
 
 def expand_image_paths(inputs: Sequence[Path | str]) -> list[Path]:
     """Image files of `inputs` (files as given, folders searched recursively), in order."""
-    from semiseg.data.unlabeled import image_files
-
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -120,8 +120,6 @@ def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: P
         raise DataError(f"{results_path} already exists: choose another --out or remove it")
     paths = expand_image_paths(images)
     predictor = load(weights, device)
-    from semiseg.visualize import save_overlay
-
     out_dir.mkdir(parents=True, exist_ok=True)
     results, used = [], set()
     for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", dynamic_ncols=True), start=1):

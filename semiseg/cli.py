@@ -1,7 +1,8 @@
 """The `semiseg` command line: one console script, one subcommand per job.
 
 Every subcommand is a thin shell over a Python function of the library, so the CLI and the
-Python API do the same thing. Errors caused by the user's input print as one line.
+Python API do the same thing. Errors caused by the user's input print as one line. Each
+subcommand imports its function when it runs, so `semiseg --help` starts fast.
 """
 from __future__ import annotations
 

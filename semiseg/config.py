@@ -36,7 +36,7 @@ from semiseg.models.mask2former import Mask2FormerConfig
 from semiseg.models.maskdino import MaskDINOConfig
 from semiseg.models.registry import META_ARCHITECTURES
 from semiseg.semi.config import SemiConfig
-from semiseg.weights import SHIPPED_PREFIX
+from semiseg.weights import SHIPPED_PREFIX, atomic_write
 
 
 @dataclass
@@ -312,7 +312,6 @@ def config_from_dict(data: dict[str, Any], cls: type = Config, base_dir: Path | 
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (readable back with `load_config`)."""
-    from semiseg.weights import atomic_write
 
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write(Path(path), lambda tmp: tmp.write_text(text))

@@ -29,10 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from semiseg.api import load
 from semiseg.config import Config, apply_overrides, preset_overrides
+from semiseg.data.coco import load_coco_instances
+from semiseg.data.images import read_image
+from semiseg.data.masks import decode_segmentation
+from semiseg.data.splits import write_splits
+from semiseg.data.synthetic import write_synthetic_dataset
 from semiseg.errors import ConfigError
 from semiseg.models.registry import META_ARCHITECTURES
 from semiseg.structures import Instances
+from semiseg.training import train
+from semiseg.visualize import save_side_by_side
 from semiseg.weights import atomic_write
 
 @dataclass(frozen=True)
@@ -100,10 +108,6 @@ def run_pipeline(out_dir: Path, settings: DemoSettings, device: str | None = Non
     reference_dir: where the 100 % reference trains (default `out_dir/reference`); a finished run
                    there is reused, so runs of several labeled shares can share one
     """
-    from semiseg.data.splits import write_splits
-    from semiseg.data.synthetic import write_synthetic_dataset
-    from semiseg.training import train
-
     if settings.model not in META_ARCHITECTURES:
         raise ConfigError(f"semiseg demo --model {settings.model}: expected one of {', '.join(META_ARCHITECTURES)}")
     _claim(out_dir)
@@ -193,8 +197,6 @@ def finish_reference(process: multiprocessing.Process | None, run_dir: Path) -> 
 def _train_logged(overrides: list[str], log: Path) -> None:
     """`train` with stdout and stderr going to `log` (runs in the reference's process)."""
     import sys
-
-    from semiseg.training import train
 
     with open(log, "w", buffering=1) as stream:
         sys.stdout = sys.stderr = stream
@@ -302,11 +304,6 @@ def format_table(results: dict[str, Any]) -> str:
 def save_overlays(folder: Path, data: dict[str, Path], teacher: Path, student: Path, count: int,
                   device: str | None) -> list[Path]:
     """Side-by-side PNGs (ground truth | teacher | student) of the first `count` validation images."""
-    from semiseg.api import load
-    from semiseg.data.coco import load_coco_instances
-    from semiseg.data.images import read_image
-    from semiseg.data.masks import decode_segmentation
-    from semiseg.visualize import save_side_by_side
 
     records = load_coco_instances(data["val_ann"], data["val_images"])
     models = {"teacher": load(teacher, device=device), "student": load(student, device=device)}

@@ -17,11 +17,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from semiseg.config import Config, apply_overrides, config_from_dict, load_config
+from semiseg.data.coco import load_coco_instances
+from semiseg.data.datasets import EvalDataset
+from semiseg.data.loader import build_eval_loader
 from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import (broadcast_object, destroy_distributed, get_rank, get_world_size,
                                         init_distributed, is_main_process, select_device, limit_cpu_threads)
 from semiseg.errors import CheckpointError, ConfigError
 from semiseg.evaluation import CocoEvaluator, format_metrics
+from semiseg.models.build import build_model
 from semiseg.weights import WeightsInfo, atomic_write, load_weights_into, read_weights
 
 WHO = {"student": ("student",), "teacher": ("teacher",), "both": ("student", "teacher")}
@@ -53,10 +57,6 @@ def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluato
 
 def build_eval_loader_for(cfg: Config, ann: Path, images: Path, class_names: list[str] | None = None) -> DataLoader:
     """This rank's loader over a COCO json with the config's test resize; checks the class list."""
-    from semiseg.data.coco import load_coco_instances
-    from semiseg.data.datasets import EvalDataset
-    from semiseg.data.loader import build_eval_loader
-
     records = load_coco_instances(ann, images, strict=cfg.data.strict)
     if class_names and records.class_names != list(class_names):
         raise ConfigError(f"{ann}: its categories {records.class_names[:5]}... differ from the model's classes "
@@ -68,8 +68,6 @@ def build_eval_loader_for(cfg: Config, ann: Path, images: Path, class_names: lis
 
 def load_named_model(path: Path, cfg: Config | None, device: torch.device) -> tuple[nn.Module, Config, WeightsInfo]:
     """Rebuild a model from a weights file: its embedded config (or `cfg`), then its weights."""
-    from semiseg.models.build import build_model
-
     tensors, info = read_weights(path)
     if cfg is None:
         if info.config is None:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
 from semiseg.errors import ConfigError
+from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.structures import Instances
 
-if TYPE_CHECKING:
-    from semiseg.models.protocol import PseudoLabelCandidates
-
-PseudoLabelFilter = Callable[["PseudoLabelCandidates", Sequence[tuple[int, int]]], list[Instances]]
+PseudoLabelFilter = Callable[[PseudoLabelCandidates, Sequence[tuple[int, int]]], list[Instances]]
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class ThresholdFilter:
     box_source: Literal["mask", "head"] = "mask"
     nms_iou: float = 1.0
 
-    def __call__(self, candidates: "PseudoLabelCandidates",
+    def __call__(self, candidates: PseudoLabelCandidates,
                  image_sizes: Sequence[tuple[int, int]]) -> list[Instances]:
         probs = candidates.class_probs.float()  # [B, Q, K]
         mask_logits = candidates.mask_logits.float()  # [B, Q, h, w]
