@@ -20,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import platform
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,9 +198,9 @@ def finish_reference(process: multiprocessing.Process | None, run_dir: Path) -> 
 
 
 def _train_logged(overrides: list[str], log: Path) -> None:
-    """`train` with stdout and stderr going to `log` (runs in the reference's process)."""
-    import sys
-
+    """`train` with stdout and stderr going to `log` (runs in the reference's process, which ends
+    when the demo's process does, even if that one was killed)."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     with open(log, "w", buffering=1) as stream:
         sys.stdout = sys.stderr = stream
         try:
@@ -205,6 +208,13 @@ def _train_logged(overrides: list[str], log: Path) -> None:
         except Exception as error:  # noqa: BLE001 - reported by finish_reference from the log
             print(f"{type(error).__name__}: {error}", flush=True)
             raise SystemExit(1) from None
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Poll every 2 s; exit this process as soon as `parent` is gone (it is re-parented then)."""
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(1)
 
 
 def _has_evaluation(run: Path) -> bool:
