@@ -26,8 +26,8 @@ from semiseg.data.masks import encode_rle
 from semiseg.data.unlabeled import image_files
 from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import select_device
-from semiseg.engine.evaluate import load_named_model
 from semiseg.errors import DataError
+from semiseg.restore import load_trained_model
 from semiseg.structures import Instances
 from semiseg.visualize import save_overlay
 from semiseg.weights import atomic_write
@@ -86,7 +86,7 @@ def load(weights: Path | str, device: str | None = None, config: Path | str | No
     torch_device = select_device(device or "auto")
     path = weights_file(Path(weights), "student")
     cfg = load_config(config) if config is not None else None
-    model, cfg, info = load_named_model(path, cfg, torch_device)
+    model, cfg, info = load_trained_model(path, cfg, torch_device)
     class_names = info.class_names or [f"class {i}" for i in range(cfg.model.num_classes)]
     return Predictor(model, cfg, class_names, info.category_ids, torch_device)
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from semiseg.config import Config, apply_overrides, config_from_dict, load_config
+from semiseg.config import Config, apply_overrides, load_config
 from semiseg.data.coco import load_coco_instances
 from semiseg.data.datasets import EvalDataset
 from semiseg.data.loader import build_eval_loader
@@ -25,8 +25,8 @@ from semiseg.engine.distributed import (broadcast_object, destroy_distributed, g
                                         init_distributed, is_main_process, select_device, limit_cpu_threads)
 from semiseg.errors import CheckpointError, ConfigError
 from semiseg.evaluation import CocoEvaluator, format_metrics
-from semiseg.models.build import build_model
-from semiseg.weights import WeightsInfo, atomic_write, load_weights_into, read_weights
+from semiseg.restore import load_trained_model
+from semiseg.weights import atomic_write, read_weights
 
 WHO = {"student": ("student",), "teacher": ("teacher",), "both": ("student", "teacher")}
 
@@ -66,22 +66,6 @@ def build_eval_loader_for(cfg: Config, ann: Path, images: Path, class_names: lis
                              world_size=get_world_size(), size_divisibility=cfg.model.head.size_divisibility)
 
 
-def load_named_model(path: Path, cfg: Config | None, device: torch.device) -> tuple[nn.Module, Config, WeightsInfo]:
-    """Rebuild a model from a weights file: its embedded config (or `cfg`), then its weights."""
-    tensors, info = read_weights(path)
-    if cfg is None:
-        if info.config is None:
-            raise CheckpointError(f"{path}: has no embedded semiseg config (e.g. a converted official checkpoint); "
-                                  f"pass --config")
-        cfg = config_from_dict(info.config, source=f"{path} (embedded config)")
-    num_classes = len(info.class_names) or cfg.model.num_classes
-    if num_classes < 1:
-        raise ConfigError(f"{path}: unknown number of classes: set model.num_classes in the config")
-    model = build_model(cfg.model, num_classes, load_backbone_weights=False)
-    load_weights_into(model, tensors, path, strict=True)
-    return model.to(device).eval(), cfg, info
-
-
 def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iterable[str] = (), who: str = "student",
                       ann: Path | None = None, images: Path | None = None, out: Path | None = None,
                       device: str = "auto") -> dict[str, dict[str, Any]]:
@@ -108,7 +92,7 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
     try:
         results = {}
         for path in paths:
-            model, cfg, info = load_named_model(path, base_cfg, torch_device)
+            model, cfg, info = load_trained_model(path, base_cfg, torch_device)
             if base_cfg is None:
                 cfg = apply_overrides(cfg, overrides)
             ann_file, image_dir = (ann, images) if ann is not None else (cfg.data.val_ann, cfg.data.val_images)
