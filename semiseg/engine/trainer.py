@@ -29,7 +29,8 @@ from torch import nn
 from tqdm import tqdm
 
 from semiseg.config import Config, config_to_dict
-from semiseg.engine.checkpoint import capture_rng_state, load_training_state, restore_rng_state, save_checkpoint, weights_file
+from semiseg.engine.checkpoint import (capture_rng_state, load_training_state, restore_rng_state, save_checkpoint,
+                                       weights_file)
 from semiseg.engine.distributed import (all_gather_object, all_ranks_true, barrier, get_rank, get_world_size,
                                         is_main_process, reduce_dict, wrap_ddp)
 from semiseg.engine.optim import build_lr_scheduler, build_optimizer, clip_full_model_grad_norm, lr_factor
