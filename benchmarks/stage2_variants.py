@@ -31,6 +31,9 @@ VARIANTS = {
     "burn_in_150": ["semi.burn_in_iter=150"],
     "unsup_1": ["semi.unsup_loss_weight=1.0"],
     "unsup_4": ["semi.unsup_loss_weight=4.0"],
+    # unlabeled images: queries no pseudo-label matched are pushed less towards "no object", so the
+    # objects a sparse teacher misses (dense scenes) are not taught as background
+    "unmatched_0.25": ["semi.unmatched_weight=0.25"],
 }
 
 
