@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from semi_supervised import final_ap, mean_std, timed_train
+from semi_supervised import final_ap, gap_closed, mean_std, timed_train
 
 from semiseg.demo import DemoSettings, base_overrides, student_overrides
 
@@ -49,9 +49,9 @@ def run_variant(folder: Path, name: str, device: str | None) -> dict:
                  + student_overrides(settings, run, folder / "teacher" / "checkpoints" / "last", unlabeled,
                                      data["train_images"]) + VARIANTS[name])
     ap = final_ap(run) or timed_train(overrides, run)[0]
-    teacher, full = demo["teacher"]["mask_AP"], demo["full"]["mask_AP"]
-    return {"folder": str(folder), "variant": name, "teacher": teacher, "full": full, "student": ap["student"],
-            "ema_teacher": ap["teacher"], "gap_closed": 100 * (ap["student"] - teacher) / (full - teacher)}
+    row = {"folder": str(folder), "variant": name, "teacher": demo["teacher"]["mask_AP"],
+           "full": demo["full"]["mask_AP"], "student": ap["student"], "ema_teacher": ap["teacher"]}
+    return {**row, "gap_closed": gap_closed(row)}
 
 
 def summarize(rows: list[dict]) -> str:
@@ -60,10 +60,11 @@ def summarize(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == name]
+        closed = [r["gap_closed"] for r in rs if r["gap_closed"] is not None]
         lines.append(f"| {name} | {len(rs)} | {mean_std([r['student'] for r in rs])} "
                      f"| {mean_std([r['student'] - r['teacher'] for r in rs])} "
                      f"| {mean_std([r['ema_teacher'] - r['teacher'] for r in rs])} "
-                     f"| {mean_std([r['gap_closed'] for r in rs], digits=0)} "
+                     f"| {mean_std(closed, digits=0) if closed else 'n/a'} "
                      f"| {sum(r['student'] > r['teacher'] for r in rs)}/{len(rs)} |")
     return "\n".join(lines)
 
