@@ -24,11 +24,13 @@ PRETEXT_CLASSES = ("oval", "trefoil", "quatrefoil", "hexafoil", "jagged", "l_bar
 
 @dataclass
 class PretextImage:
-    """image: [S, S, 3] uint8; classes: [S, S] uint8 (0 = background); boundary: [S, S] bool."""
+    """image: [S, S, 3] uint8; classes: [S, S] uint8 (0 = background); boundary: [S, S] bool;
+    instances: [S, S] int32 (0 = background, i = the i-th object drawn, where it is visible)."""
 
     image: np.ndarray
     classes: np.ndarray
     boundary: np.ndarray
+    instances: np.ndarray
 
 
 def render_pretext_image(seed: int, index: int, size: int = 128, max_objects: int = 6,
@@ -55,7 +57,7 @@ def render_pretext_image(seed: int, index: int, size: int = 128, max_objects: in
         instances[mask] = instance
     canvas += rng.uniform(0, 8) * rng.standard_normal(canvas.shape)
     image = np.clip(np.round(canvas), 0, 255).astype(np.uint8)
-    return PretextImage(image, classes, _boundary(instances))
+    return PretextImage(image, classes, _boundary(instances), instances)
 
 
 def _boundary(instances: np.ndarray) -> np.ndarray:
