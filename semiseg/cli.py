@@ -24,7 +24,8 @@ def _synth(args: argparse.Namespace) -> None:
 def _split(args: argparse.Namespace) -> None:
     from semiseg.workflow import split
 
-    split(args.ann, args.percent, args.out, seed=args.seed, unlabeled=args.unlabeled, from_lists=args.from_lists)
+    split(args.ann, args.percent, args.out, seed=args.seed, unlabeled=args.unlabeled, from_lists=args.from_lists,
+          images=args.images, allow_outside_root=args.allow_outside_root)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", action="store_true", help="also write the complementary unlabeled lists")
     p.add_argument("--from-lists", type=Path, nargs="+", default=None,
                    help="existing split lists (one image id or file name per line) instead of drawing")
+    p.add_argument("--images", type=Path, default=None,
+                   help="the image folder: also check that the images exist (as `semiseg train` does)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept file names leading outside the image folder (data.allow_outside_root)")
     p.set_defaults(func=_split)
 
     p = sub.add_parser("train", help="train from a YAML config (supervised or semi-supervised)")

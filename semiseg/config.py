@@ -44,6 +44,10 @@ class ModelConfig:
     """arch: meta-architecture (a key of `models.registry.META_ARCHITECTURES`: "mask2former" or "maskdino",
     configured by the section of that name);
     num_classes: 0 = the number of categories of `data.train_ann`.
+    weights: initialise the whole model (backbone and head) from a trained one before training: a
+             checkpoint folder, a weights file or shipped weights (`semiseg:tiny_mask2former_pretext`);
+             its class layers are re-initialised when its class count differs. None: only the
+             backbone is pretrained (`backbone.weights`).
 
     `num_classes` is the one place to set the class count: the meta-architecture sections' own
     `num_classes` are overwritten with it (once known).
@@ -51,6 +55,7 @@ class ModelConfig:
 
     arch: str = "mask2former"
     num_classes: int = 0
+    weights: Path | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
     maskdino: MaskDINOConfig = field(default_factory=MaskDINOConfig)
@@ -86,6 +91,8 @@ class DataConfig:
     repeat_threshold:       repeat-factor threshold t: r(c) = max(1, sqrt(t / f(c)))
     filter_empty:           drop training images without any non-crowd instance
     strict:                 unreadable / missing images are errors instead of counted skips
+    allow_outside_root:     accept json `file_name`s that lead outside their image folder (`..`,
+                            absolute paths); off by default so a dataset file cannot point anywhere
     """
 
     train_ann: Path | None = None
@@ -102,6 +109,7 @@ class DataConfig:
     repeat_threshold: float = 10.0
     filter_empty: bool = True
     strict: bool = False
+    allow_outside_root: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "data", ("batch_size", "unlabeled_batch_size", "repeat_threshold"))

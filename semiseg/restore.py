@@ -26,6 +26,6 @@ def load_trained_model(path: Path, cfg: Config | None, device: torch.device) -> 
     num_classes = len(info.class_names) or cfg.model.num_classes
     if num_classes < 1:
         raise ConfigError(f"{path}: unknown number of classes: set model.num_classes in the config")
-    model = build_model(cfg.model, num_classes, load_backbone_weights=False)
+    model = build_model(cfg.model, num_classes, load_pretrained=False)
     load_weights_into(model, tensors, path, strict=True)
     return model.to(device).eval(), cfg, info

@@ -60,7 +60,8 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool) -> Trainer:
     if is_main_process():
         open_run_log(run)
 
-    records = collective(lambda: load_coco_instances(data.train_ann, data.train_images, strict=data.strict))
+    records = collective(lambda: load_coco_instances(data.train_ann, data.train_images, strict=data.strict,
+                                                     allow_outside_root=data.allow_outside_root))
     cfg = with_num_classes(cfg, records)
     if is_main_process():
         if data.unlabeled is not None and not cfg.semi.enabled:

@@ -7,9 +7,10 @@
 Wrappers such as `{"model": ...}` or `{"state_dict": ...}` are unwrapped. Every problem raises a
 one-line `CheckpointError` naming the file.
 
-Weights shipped with the package are named `semiseg:NAME` (e.g. `semiseg:tiny_resnet_pretext`,
-the tiny ResNet pretrained on procedural pretext images; docs/pretrained.md) wherever a weights
-path is accepted; `SHIPPED_WEIGHTS` lists them.
+Weights shipped with the package are named `semiseg:NAME` (`semiseg:tiny_resnet_pretext`, the
+tiny ResNet pretrained on procedural pretext images, and `semiseg:tiny_mask2former_pretext`, the
+whole tiny Mask2Former pretrained on pretext scenes; docs/pretrained.md) wherever a weights path is
+accepted; `SHIPPED_WEIGHTS` lists them.
 """
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ _WRAPPER_KEYS = ("model", "state_dict")
 GD_PREFIXES = {"teacher": "modelTeacher.", "student": "modelStudent."}  # Guided Distillation's two models
 WHICH = ("auto", "teacher", "student")
 SHIPPED_PREFIX = "semiseg:"
-_SHIPPED_DIR = Path(__file__).resolve().parent / "models" / "backbones" / "pretrained"
-SHIPPED_WEIGHTS = {"tiny_resnet_pretext": _SHIPPED_DIR / "tiny_resnet_pretext.safetensors"}
+_SHIPPED_DIR = Path(__file__).resolve().parent / "models" / "pretrained"
+SHIPPED_WEIGHTS = {name: _SHIPPED_DIR / f"{name}.safetensors"  # docs/pretrained.md
+                   for name in ("tiny_resnet_pretext", "tiny_mask2former_pretext")}
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -227,6 +229,49 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: corrupt semiseg metadata ({e})") from None
     return tensors, info
+
+
+def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """One trained model's weights, with semiseg/official parameter names (a stage-2 teacher, `model.weights`).
+
+    path: a semiseg checkpoint folder (its `model.safetensors`, else `teacher.safetensors`), a
+    semiseg or converted `.safetensors` file, shipped weights `semiseg:NAME`, or an official
+    Mask2Former / Mask DINO / Guided Distillation `.pth`/`.pkl` (of a Guided Distillation
+    checkpoint, the `modelTeacher.*` weights are taken).
+    """
+    path = resolve_shipped(path)
+    if path.is_dir():
+        for name in ("model", "teacher"):
+            if (path / f"{name}.safetensors").is_file():
+                return read_weights(path / f"{name}.safetensors")[0]
+        raise CheckpointError(f"{path}: no model.safetensors or teacher.safetensors in this checkpoint folder")
+    state = load_checkpoint_file(path)
+    is_gd = any(k.startswith(GD_PREFIXES["teacher"]) for k in state)
+    return select_model_weights(state, "teacher" if is_gd else "auto", source=path)[0]
+
+
+def load_pretrained_model(model: nn.Module, path: str | Path, num_classes: int) -> None:
+    """Initialise all of `model` from another trained model (`model.weights`), e.g. one pretrained elsewhere.
+
+    Layers sized by the number of classes (a class head [K + 1, C], a label embedding [K, C]) are
+    left as initialised when the file's class count differs from `num_classes`; any other
+    difference is the usual one-line `CheckpointError`.
+    """
+    state = read_model_weights(path)
+    own = model.state_dict()
+    resized = sorted(k for k, v in state.items() if k in own and _differs_in_classes(v.shape, own[k].shape, num_classes))
+    load_weights_into(model, {k: v for k, v in state.items() if k not in resized}, path, may_be_missing=resized)
+    if resized:
+        logger.info("%s: %d class layers re-initialised for %d classes (%s)", path, len(resized), num_classes,
+                    ", ".join(resized))
+
+
+def _differs_in_classes(theirs: torch.Size, ours: torch.Size, num_classes: int) -> bool:
+    """True when two shapes differ in exactly one dimension, ours being K or K + 1 there."""
+    if len(theirs) != len(ours):
+        return False
+    differing = [(a, b) for a, b in zip(theirs, ours) if a != b]
+    return len(differing) == 1 and differing[0][1] in (num_classes, num_classes + 1)
 
 
 def load_weights_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path,

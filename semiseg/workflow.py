@@ -77,10 +77,13 @@ def evaluate(weights: str | Path, *overrides: str, config: str | Path | None = N
 
 
 def split(ann: str | Path, percents: Iterable[float], out_dir: str | Path, seed: int = 0, unlabeled: bool = False,
-          from_lists: Iterable[str | Path] | None = None) -> list[Path]:
+          from_lists: Iterable[str | Path] | None = None, images: str | Path | None = None,
+          allow_outside_root: bool = False) -> list[Path]:
     """Seeded, nested labeled splits of a COCO json, as `semiseg split`; returns the labeled jsons.
 
+    The json is validated as `semiseg train` reads it (`images`: its image folder, to check the files too).
     unlabeled: also write each split's complement (`<stem>_<P>_unlabeled.json`) for `data.unlabeled`.
     """
     return write_splits(Path(ann), list(percents), seed=seed, out_dir=Path(out_dir), write_unlabeled=unlabeled,
-                        labeled_lists=None if from_lists is None else [Path(p) for p in from_lists])
+                        labeled_lists=None if from_lists is None else [Path(p) for p in from_lists],
+                        image_root=None if images is None else Path(images), allow_outside_root=allow_outside_root)

@@ -92,3 +92,23 @@ def test_predict_to_dir_writes_overlays_and_coco_results(weights, tmp_path):
         predict_to_dir([single], weights, out, device="cpu")
     with pytest.raises(DataError, match="nowhere: no such file or folder"):
         predict_to_dir([tmp_path / "nowhere"], weights, tmp_path / "out2", device="cpu")
+
+
+def test_model_weights_initialise_everything_but_the_class_layers(weights):
+    cfg = apply_overrides(Config(), TINY + ["model.num_classes=5", f"model.weights={weights}"])
+    model = build_model(cfg.model, 5)
+    saved = load(weights, device="cpu").model.state_dict()
+    resized = [name for name, value in model.state_dict().items() if value.shape != saved[name].shape]
+    assert sorted(resized) == ["criterion.empty_weight", "sem_seg_head.predictor.class_embed.bias",
+                               "sem_seg_head.predictor.class_embed.weight"]  # [K + 1, ...]: 4 in the file, 6 here
+    for name, value in model.state_dict().items():
+        assert name in resized or torch.equal(value, saved[name]), name
+    same_classes = build_model(apply_overrides(Config(), TINY + [f"model.weights={weights}"]).model, 3)
+    assert torch.equal(same_classes.state_dict()["sem_seg_head.predictor.class_embed.weight"],
+                       saved["sem_seg_head.predictor.class_embed.weight"])
+
+
+def test_model_weights_of_another_architecture_size_are_a_one_line_error(weights):
+    wider = apply_overrides(Config(), TINY + ["model.mask2former.dim_feedforward=96", f"model.weights={weights}"])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: does not fit the model: \d+ shape mismatches"):
+        build_model(wider.model, 3)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from semiseg.data.coco import load_coco_instances
 from semiseg.data.masks import decode_segmentation, encode_rle
+from semiseg.data.splits import write_splits
 from semiseg.data.unlabeled import load_unlabeled
 from semiseg.errors import ConfigError, DataError
 
@@ -145,10 +146,13 @@ def test_bad_file_raises_one_line_error_naming_file_and_problem(tmp_path, case):
     data = copy.deepcopy(data)
     change(data)
     ann_file.write_text(json.dumps(data))
-    with pytest.raises(DataError) as info:
-        load_coco_instances(ann_file, image_root)
-    message = str(info.value)
-    assert message.startswith(f"{ann_file}: ") and words in message and "\n" not in message
+    for read in (lambda: load_coco_instances(ann_file, image_root),  # what `semiseg train` reads
+                 lambda: write_splits(ann_file, [50], seed=0, out_dir=tmp_path / "splits")):  # `semiseg split`
+        with pytest.raises(DataError) as info:
+            read()
+        message = str(info.value)
+        assert message.startswith(f"{ann_file}: ") and words in message and "\n" not in message
+    assert not (tmp_path / "splits").exists()  # nothing written from a bad file
 
 
 @pytest.mark.parametrize("text, words", [
@@ -176,6 +180,39 @@ def test_missing_images_warn_with_count_or_fail_when_strict(tmp_path):
     assert [r.image_id for r in dataset.records] == [10]
     with pytest.raises(DataError, match="instances.json: 2 of 3 image files are missing"):
         load_coco_instances(ann_file, image_root, strict=True)
+    with pytest.warns(UserWarning, match="2 of 3 image files are missing"):  # `semiseg split --images`: the same
+        write_splits(ann_file, [50], seed=0, out_dir=tmp_path / "splits", image_root=image_root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # without --images only the annotations are checked
+        write_splits(ann_file, [50], seed=0, out_dir=tmp_path / "splits2")
+
+
+@pytest.mark.parametrize("file_name", ["../../../../etc/passwd", "/etc/passwd", "sub/../../secret.png"])
+def test_file_names_leading_outside_the_image_root_are_refused(tmp_path, file_name):
+    data = valid_coco()
+    ann_file, image_root = write_dataset(tmp_path, data)
+    data["images"][1]["file_name"] = file_name
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=rf"instances.json: image file_name '{file_name}' leads outside the image "
+                                        r"folder .*images \(set data.allow_outside_root: true"):
+        load_coco_instances(ann_file, image_root)
+    unlabeled = tmp_path / "unlabeled.json"
+    unlabeled.write_text(json.dumps({"images": [{"id": 1, "file_name": file_name}]}))
+    with pytest.raises(DataError, match="unlabeled.json: image file_name .* leads outside the image folder"):
+        load_unlabeled(unlabeled, image_root)
+    (tmp_path / "secret.png").write_bytes((image_root / "a.png").read_bytes())  # an opt-in layout: allowed
+    data["images"][1]["file_name"] = str(tmp_path / "secret.png")
+    ann_file.write_text(json.dumps(data))
+    assert len(load_coco_instances(ann_file, image_root, allow_outside_root=True).records) == 3
+
+
+def test_symlinks_inside_the_image_root_are_followed(tmp_path):
+    data = valid_coco()
+    ann_file, image_root = write_dataset(tmp_path, data)
+    (tmp_path / "elsewhere").mkdir()
+    (image_root / "c.png").rename(tmp_path / "elsewhere" / "c.png")
+    (image_root / "c.png").symlink_to(tmp_path / "elsewhere" / "c.png")
+    assert len(load_coco_instances(ann_file, image_root).records) == 3
 
 
 def test_all_images_missing_is_an_error(tmp_path):

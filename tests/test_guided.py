@@ -19,8 +19,9 @@ from semiseg.data.unlabeled import load_unlabeled
 from semiseg.engine.evaluate import evaluate_from_cli
 from semiseg.errors import ConfigError
 from semiseg.models.protocol import PseudoLabelCandidates
-from semiseg.semi.guided import GuidedDistillationTrainer, read_teacher_weights
+from semiseg.semi.guided import GuidedDistillationTrainer
 from semiseg.training import train
+from semiseg.weights import read_model_weights
 
 def test_semi_supervised_iterations_train_the_student_and_keep_the_teacher_during_burn_in(data, tmp_path):
     run = train(gd_config(data, tmp_path / "run", "solver.max_iter=3", "semi.burn_in_iter=100"))
@@ -106,8 +107,8 @@ def test_teacher_from_an_official_guided_distillation_checkpoint(data, tmp_path)
     official = {**{f"modelTeacher.{k}": v for k, v in stage1.items()},
                 **{f"modelStudent.{k}": v for k, v in shifted.items()}}
     torch.save({"model": official, "iteration": 5}, tmp_path / "model_best.pth")
-    assert equal_states(read_teacher_weights(tmp_path / "model_best.pth"), stage1)
-    assert equal_states(read_teacher_weights(data["teacher"]), stage1)  # semiseg checkpoint folder
+    assert equal_states(read_model_weights(tmp_path / "model_best.pth"), stage1)
+    assert equal_states(read_model_weights(data["teacher"]), stage1)  # semiseg checkpoint folder
     trainer = built(gd_config(data, tmp_path / "run", f"semi.teacher_weights={tmp_path / 'model_best.pth'}"))
     assert equal_states(trainer.teacher.state_dict(), stage1)
 

@@ -163,8 +163,8 @@ def test_an_entry_naming_several_images_is_an_error(tmp_path):
         write_splits(ann, [], seed=0, out_dir=tmp_path / "out", labeled_lists=[lists])
 
 
-@pytest.mark.parametrize("content, problem", [(None, "cannot read"), ("{", "not valid JSON"),
-                                              ('{"images": []}', "not a COCO instances json")])
+@pytest.mark.parametrize("content, problem", [(None, "file not found"), ("{", "malformed JSON"),
+                                              ('{"images": []}', "missing top-level key 'annotations'")])
 def test_bad_annotation_file_is_a_data_error(tmp_path, content, problem):
     ann = tmp_path / "bad.json"
     if content is not None:

@@ -7,9 +7,9 @@ Two pretext tasks on procedural images that share no object class with the built
   on an instance boundary;
 - image-level, on one large centred object: a linear classifier on the pooled res5 features
   predicts its class (the ImageNet-style task that makes the deep features tell shapes apart). The head is dropped; only the backbone is saved, with
-detectron2 names, as `semiseg/models/backbones/pretrained/tiny_resnet_pretext.safetensors`.
+detectron2 names, as `semiseg/models/pretrained/tiny_resnet_pretext.safetensors`.
 
-    OMP_NUM_THREADS=1 python tools/pretrain_tiny_resnet.py --out semiseg/models/backbones/pretrained/tiny_resnet_pretext.safetensors
+    OMP_NUM_THREADS=1 python tools/pretrain_tiny_resnet.py --out semiseg/models/pretrained/tiny_resnet_pretext.safetensors
 
 Defaults: 12,000 scenes + 12,000 single objects of 128 px (rendered once, 2 processes), 5,000
 steps of 32 images, AdamW 2e-3 with one-cycle decay, horizontal/vertical flips; seed 0. At the end

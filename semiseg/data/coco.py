@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from semiseg.data.images import drop_missing_images
+from semiseg.data.images import drop_missing_images, image_path
 from semiseg.data.masks import check_segmentation
 from semiseg.data.records import Annotation, DatasetRecords, ImageRecord
 from semiseg.errors import DataError
@@ -88,7 +88,7 @@ def _read_categories(entries: list[dict], source: Path) -> tuple[list[int], list
     return ids, [names[i] for i in ids]
 
 
-def _read_images(entries: list[dict], image_root: Path, source: Path) -> dict[int, ImageRecord]:
+def _read_images(entries: list[dict], image_root: Path, source: Path, allow_outside_root: bool) -> dict[int, ImageRecord]:
     """COCO `images` entries -> records keyed by image id (json order), with validated sizes."""
     images: dict[int, ImageRecord] = {}
     for index, entry in enumerate(entries):
@@ -100,7 +100,8 @@ def _read_images(entries: list[dict], image_root: Path, source: Path) -> dict[in
             raise DataError(f"{source}: image {image_id} has no 'file_name'")
         height = _int_field(entry, "height", f"image {image_id}", source, positive=True)
         width = _int_field(entry, "width", f"image {image_id}", source, positive=True)
-        images[image_id] = ImageRecord(image_root / file_name, image_id, height, width)
+        images[image_id] = ImageRecord(image_path(image_root, file_name, source, allow_outside_root), image_id,
+                                        height, width)
     return images
 
 
@@ -146,14 +147,21 @@ def _read_annotation(entry: dict, index: int, images: dict[int, ImageRecord], la
     return image, Annotation(labels[category_id], segmentation, bool(iscrowd), bbox, ann_id)
 
 
-def load_coco_instances(ann_file: Path, image_root: Path, strict: bool = False) -> DatasetRecords:
-    """Read a COCO instances json whose `file_name`s are relative to `image_root`.
+def load_coco_instances(ann_file: Path, image_root: Path, strict: bool = False,
+                        allow_outside_root: bool = False) -> DatasetRecords:
+    """Read a COCO instances json whose `file_name`s are relative to `image_root` (and stay inside it,
+    unless `allow_outside_root`).
 
     Images whose file is missing are skipped with one warning that counts them (`strict=True`:
     `DataError`). Unreadable or truncated image files are detected later, by `read_image`.
     """
-    ann_file, image_root = Path(ann_file), Path(image_root)
-    data = read_json(ann_file)
+    return coco_records(read_json(ann_file), Path(ann_file), Path(image_root), strict, allow_outside_root)
+
+
+def coco_records(data: Any, ann_file: Path, image_root: Path, strict: bool = False, allow_outside_root: bool = False,
+                 check_files: bool = True) -> DatasetRecords:
+    """`load_coco_instances` on the parsed content `data` of `ann_file`; `check_files=False` skips the
+    image files (`semiseg split` without `--images` validates the annotations only)."""
     if not isinstance(data, dict):
         raise DataError(f"{ann_file}: expected a JSON object with 'images', 'annotations' and 'categories'")
     image_entries = _list_entries(data, "images", ann_file)
@@ -164,9 +172,9 @@ def load_coco_instances(ann_file: Path, image_root: Path, strict: bool = False) 
     labels = {cat_id: label for label, cat_id in enumerate(category_ids)}
     seen: set[int] = set()
     with _gc_paused():
-        images = _read_images(image_entries, image_root, ann_file)
+        images = _read_images(image_entries, image_root, ann_file, allow_outside_root)
         for index, entry in enumerate(ann_entries):
             image, annotation = _read_annotation(entry, index, images, labels, seen, ann_file)
             image.annotations.append(annotation)
-    records = drop_missing_images(list(images.values()), ann_file, strict)
+    records = drop_missing_images(list(images.values()), ann_file, strict) if check_files else list(images.values())
     return DatasetRecords(records, class_names, category_ids, ann_file)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from semiseg.data.coco import coco_records, read_json
 from semiseg.errors import ConfigError, DataError
 
 
@@ -27,7 +28,8 @@ class _Split:
 
 
 def write_splits(ann_file: Path, percents: list[float], seed: int, out_dir: Path, write_unlabeled: bool = False,
-                 labeled_lists: list[Path] | None = None) -> list[Path]:
+                 labeled_lists: list[Path] | None = None, image_root: Path | None = None,
+                 allow_outside_root: bool = False) -> list[Path]:
     """Write one labeled json (+ image id list) per percentage and per given list; return the json paths.
 
     For each split, in `out_dir`: `<stem>_{S}.json` (info, licenses, categories of `ann_file`; its
@@ -35,6 +37,7 @@ def write_splits(ann_file: Path, percents: list[float], seed: int, out_dir: Path
     `write_unlabeled` also `<stem>_{S}_unlabeled.json` (`{"images": [...]}`, the complement) and
     `<stem>_{S}_unlabeled_image_ids.txt`. A list `L.txt` in `labeled_lists` gives `<stem>_L.*`.
     An existing file with identical content is left as is; one with different content is an error.
+    `ann_file` is validated as `semiseg train` reads it (`image_root`: also check its image files).
     """
     ann_file = Path(ann_file)
     for p in percents:
@@ -43,7 +46,7 @@ def write_splits(ann_file: Path, percents: list[float], seed: int, out_dir: Path
         raise ConfigError("split: give at least one percentage or one labeled list")
     if seed < 0:
         raise ConfigError(f"split: seed must be >= 0, got {seed}")
-    coco = _read_coco(ann_file)
+    coco = _read_coco(ann_file, image_root, allow_outside_root)
     splits = _percent_splits(coco, percents, seed) + [_list_split(coco, Path(f), ann_file) for f in labeled_lists or []]
     if len({s.name for s in splits}) < len(splits):
         raise ConfigError(f"split: two splits of {ann_file} would get the same file name: {[s.name for s in splits]}")
@@ -148,26 +151,12 @@ class _ImageFinder:
         return self.by_key.get(sample_key(entry), set())
 
 
-def _read_coco(ann_file: Path) -> dict:
-    try:
-        coco = json.loads(ann_file.read_text())
-    except OSError as e:
-        raise DataError(f"{ann_file}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{ann_file}: not valid JSON ({e})") from None
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) \
-            or not isinstance(coco.get("annotations"), list):
-        raise DataError(f"{ann_file}: not a COCO instances json (needs 'images' and 'annotations' lists)")
-    if not coco["images"]:
-        raise DataError(f"{ann_file}: has no images to split")
-    for i, im in enumerate(coco["images"]):
-        if not isinstance(im, dict) or "id" not in im:
-            raise DataError(f"{ann_file}: image {i} has no 'id'")
-    for i, ann in enumerate(coco["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann:
-            raise DataError(f"{ann_file}: annotation {i} has no 'image_id'")
-    if len({im["id"] for im in coco["images"]}) < len(coco["images"]):
-        raise DataError(f"{ann_file}: image ids are not unique")
+def _read_coco(ann_file: Path, image_root: Path | None, allow_outside_root: bool) -> dict:
+    """The parsed json, validated by the reader `semiseg train` uses (same errors and counted warnings);
+    its image files are checked when `image_root` is given."""
+    coco = read_json(ann_file)
+    coco_records(coco, ann_file, image_root or ann_file.parent, allow_outside_root=allow_outside_root,
+                 check_files=image_root is not None)
     return coco
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from semiseg.data.coco import read_json
-from semiseg.data.images import IMAGE_EXTENSIONS, drop_missing_images
+from semiseg.data.images import IMAGE_EXTENSIONS, drop_missing_images, image_path
 from semiseg.data.records import DatasetRecords, ImageRecord
 from semiseg.errors import ConfigError, DataError
 
@@ -40,7 +40,7 @@ def _size_field(entry: dict, key: str, where: str, source: Path) -> int | None:
     return value
 
 
-def _json_records(path: Path, image_root: Path) -> list[ImageRecord]:
+def _json_records(path: Path, image_root: Path, allow_outside_root: bool) -> list[ImageRecord]:
     data = read_json(path)
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -66,12 +66,13 @@ def _json_records(path: Path, image_root: Path) -> list[ImageRecord]:
         if not isinstance(file_name, str) or not file_name:
             raise DataError(f"{path}: {where} has no 'file_name'")
         image_id = original_ids[index] if keep_ids else index
-        records.append(ImageRecord(image_root / file_name, image_id, _size_field(entry, "height", where, path),
+        records.append(ImageRecord(image_path(image_root, file_name, path, allow_outside_root), image_id, _size_field(entry, "height", where, path),
                                    _size_field(entry, "width", where, path)))
     return records
 
 
-def load_unlabeled(path: Path, image_root: Path | None = None, strict: bool = False) -> DatasetRecords:
+def load_unlabeled(path: Path, image_root: Path | None = None, strict: bool = False,
+                   allow_outside_root: bool = False) -> DatasetRecords:
     """Unlabeled images from a folder, or from a json whose file names are relative to `image_root`
     (default: the json's folder). Missing files in a json are skipped with one counting warning
     (`strict=True`: `DataError`)."""
@@ -86,7 +87,7 @@ def load_unlabeled(path: Path, image_root: Path | None = None, strict: bool = Fa
         if path.suffix.lower() != ".json":
             raise DataError(f"{path}: expected an image folder or a .json file")
         root = path.parent if image_root is None else Path(image_root)
-        records = drop_missing_images(_json_records(path, root), path, strict)
+        records = drop_missing_images(_json_records(path, root, allow_outside_root), path, strict)
     else:
         raise DataError(f"{path}: no such folder or file")
     return DatasetRecords(records, [], [], path)

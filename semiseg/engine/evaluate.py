@@ -57,7 +57,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluato
 
 def build_eval_loader_for(cfg: Config, ann: Path, images: Path, class_names: list[str] | None = None) -> DataLoader:
     """This rank's loader over a COCO json with the config's test resize; checks the class list."""
-    records = load_coco_instances(ann, images, strict=cfg.data.strict)
+    records = load_coco_instances(ann, images, strict=cfg.data.strict, allow_outside_root=cfg.data.allow_outside_root)
     if class_names and records.class_names != list(class_names):
         raise ConfigError(f"{ann}: its categories {records.class_names[:5]}... differ from the model's classes "
                           f"{list(class_names)[:5]}... (evaluate on a dataset with the training categories)")

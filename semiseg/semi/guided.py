@@ -28,7 +28,6 @@ from semiseg.data.datasets import UnlabeledDataset
 from semiseg.data.records import DatasetRecords
 from semiseg.data.samplers import InfiniteSampler
 from semiseg.data.unlabeled import load_unlabeled
-from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import collective, get_rank, get_world_size, is_distributed
 from semiseg.engine.run_dir import RunDir
 from semiseg.engine.stream import BatchStream, build_labeled_stream, per_rank_batch
@@ -38,28 +37,11 @@ from semiseg.models.build import build_model
 from semiseg.semi.ema import copy_weights, freeze, update_teacher
 from semiseg.semi.pseudo_labels import PseudoLabelFilter
 from semiseg.structures import Batch, Instances
-from semiseg.weights import (GD_PREFIXES, WeightsInfo, load_checkpoint_file, load_weights_into, read_weights,
-                             select_model_weights)
+from semiseg.weights import WeightsInfo, load_weights_into, read_model_weights
 
 logger = logging.getLogger("semiseg.train")
 
 UNSUP_SUFFIX = "_unsup"
-
-
-def read_teacher_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The weights a stage-2 teacher starts from, with semiseg/official parameter names.
-
-    path: a semiseg checkpoint folder (its `model.safetensors`, else `teacher.safetensors`), a
-    semiseg or converted `.safetensors` file, or an official Mask2Former / Guided Distillation
-    `.pth`/`.pkl` (of a Guided Distillation checkpoint, the `modelTeacher.*` weights are taken).
-    """
-    path = Path(path)
-    if path.is_dir():
-        name = "model" if (path / "model.safetensors").is_file() else "teacher"
-        return read_weights(weights_file(path, name))[0]
-    state = load_checkpoint_file(path)
-    is_gd = any(k.startswith(GD_PREFIXES["teacher"]) for k in state)
-    return select_model_weights(state, "teacher" if is_gd else "auto", source=path)[0]
 
 
 def init_teacher_and_student(cfg: Config, teacher: nn.Module, student: nn.Module) -> None:
@@ -70,7 +52,7 @@ def init_teacher_and_student(cfg: Config, teacher: nn.Module, student: nn.Module
     """
     if cfg.semi.teacher_weights is None:
         raise ConfigError("semi.enabled=true needs semi.teacher_weights (a stage-1 checkpoint or weights file)")
-    load_weights_into(teacher, read_teacher_weights(cfg.semi.teacher_weights), source=cfg.semi.teacher_weights)
+    load_weights_into(teacher, read_model_weights(cfg.semi.teacher_weights), source=cfg.semi.teacher_weights)
     if cfg.semi.student_init == "teacher":
         copy_weights(student, teacher)
     logger.info("teacher from %s; student init: %s", cfg.semi.teacher_weights, cfg.semi.student_init)
@@ -176,7 +158,8 @@ def build_unlabeled_stream(cfg: Config) -> BatchStream:
     data = cfg.data
     if data.unlabeled is None:
         raise ConfigError("semi.enabled=true needs data.unlabeled (an image folder or an image-list json)")
-    records = collective(lambda: load_unlabeled(data.unlabeled, data.unlabeled_images, strict=data.strict))
+    records = collective(lambda: load_unlabeled(data.unlabeled, data.unlabeled_images, strict=data.strict,
+                                                allow_outside_root=data.allow_outside_root))
     seed = cfg.train.seed + 1  # augmentation draws independent of the labeled stream's
     dataset = UnlabeledDataset(records, data.augmentation.train_transform(), data.augmentation.strong_transform(),
                                strict=data.strict, seed=seed)
@@ -199,7 +182,7 @@ def build_guided_trainer(cfg: Config, student: nn.Module, records: DatasetRecord
 
     labeled_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sampler=cfg.semi.labeled_sampler))
     streams = {"labeled": build_labeled_stream(labeled_cfg, records), "unlabeled": build_unlabeled_stream(cfg)}
-    teacher = build_model(cfg.model, cfg.model.num_classes, load_backbone_weights=False).to(device)
+    teacher = build_model(cfg.model, cfg.model.num_classes, load_pretrained=False).to(device)
     if not resume:
         init_teacher_and_student(cfg, teacher, student)
     return GuidedDistillationTrainer(cfg, student, teacher, streams, run, device, info, evaluate)
