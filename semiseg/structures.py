@@ -81,6 +81,7 @@ class Batch:
     strong:      [B, 3, H, W] uint8, the strong view of unlabeled images (same geometry as `images`)
     image_ids:   dataset image ids (for evaluation)
     orig_sizes:  (h, w) of each original image before any resize (for evaluation at full size)
+    skipped:     "file: problem" of the unreadable images the loader passed over for this batch
     """
 
     images: torch.Tensor
@@ -89,6 +90,7 @@ class Batch:
     strong: torch.Tensor | None = None
     image_ids: list[int] = field(default_factory=list)
     orig_sizes: list[tuple[int, int]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

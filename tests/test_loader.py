@@ -82,15 +82,12 @@ def test_labeled_dataset_can_keep_images_without_instances(records):
     assert len(dataset) == 6 and len(dataset[1].instances) == 0
 
 
-def test_unreadable_training_image_is_skipped_with_a_counted_warning_or_raises_when_strict(records):
+def test_unreadable_training_image_is_skipped_and_reported_with_the_sample_or_raises_when_strict(records):
     Path(records.records[2].file_name).write_bytes(b"not a png")
     dataset = LabeledDataset(records, lsj())
-    with pytest.warns(UserWarning, match=r"1 skipped so far.*002\.png"):
-        sample = dataset[1]  # record 102 (index 1 after filtering) is broken -> the next one
-    assert sample.image_id == 103
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert dataset[1].image_id == 103  # remembered: no second read, no second warning
+    sample = dataset[1]  # record 102 (index 1 after filtering) is broken -> the next one
+    assert sample.image_id == 103 and len(sample.skipped) == 1 and "002.png" in sample.skipped[0]
+    assert dataset[1].image_id == 103 and dataset[1].skipped == ()  # remembered: no second read
     with pytest.raises(DataError, match=r"002\.png"):
         LabeledDataset(records, lsj(), strict=True)[1]
 

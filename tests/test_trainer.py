@@ -1,6 +1,7 @@
 """The training loop on a tiny deterministic problem: learning, non-finite losses, run dir, best checkpoint."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,22 @@ def test_evaluate_model_scores_100_for_ground_truth_predictions(synth):
     assert metrics["segm"]["AP"] == pytest.approx(100.0) and metrics["bbox"]["AP"] == pytest.approx(100.0)
     with pytest.raises(ConfigError, match="differ from the model's classes"):
         build_eval_loader_for(cfg, synth["val_ann"], synth["val_images"], ["a", "b"])
+
+
+def test_images_skipped_in_loader_workers_reach_the_log_metrics_and_the_end_summary(synth, tmp_path):
+    from semiseg.config import apply_overrides, load_config
+    from semiseg.training import train
+
+    images = tmp_path / "images"
+    shutil.copytree(synth["train_images"], images)
+    broken = sorted(images.glob("*.png"))[::2]  # half of them: a 4-iteration run meets some
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:60])  # truncated
+    run = tmp_path / "run"
+    train(apply_overrides(load_config(TINY_CONFIG), tiny_run(synth, run, "data.num_workers=1", "solver.max_iter=6",
+                                                             f"data.train_images={images}")))
+    last = [r for r in read_metrics(run) if "loss" in r][-1]
+    assert 1 <= last["skipped_images_labeled"] <= len(broken)
+    log = (run / "log.txt").read_text()
+    assert f"end of training: {last['skipped_images_labeled']} unreadable labeled image(s) skipped so far" in log
+    assert any(f"first: {p}" in log for p in broken)

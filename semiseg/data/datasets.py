@@ -2,12 +2,13 @@
 
 Randomness comes from the dataset's own `numpy.random.Generator`, seeded by `reseed` (the loader
 does it per worker), so a loader built with the same seed yields the same samples. During
-training an image that cannot be read is skipped (the next readable index is used instead) with
-one warning per skipped file that carries the running count; `strict=True` raises instead.
+training an image that cannot be read is skipped (the next readable index is used instead) and the
+reason travels with the sample (`Sample.skipped`), so the training process counts and reports
+skips made in loader workers too; `strict=True` raises instead.
 """
 from __future__ import annotations
 
-import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ class Sample:
     orig_size: (h, w) of the image file
     instances: ground truth on the (H, W) canvas, None for unlabeled and evaluation samples
     strong:    [3, H, W] uint8 strong view of an unlabeled image (same geometry as `image`)
+    skipped:   "file: problem" of each unreadable image passed over to load this one
     """
 
     image: torch.Tensor
@@ -38,6 +40,7 @@ class Sample:
     orig_size: tuple[int, int]
     instances: Instances | None = None
     strong: torch.Tensor | None = None
+    skipped: tuple[str, ...] = ()
 
 
 def _read_tensor(record: ImageRecord) -> torch.Tensor:
@@ -67,18 +70,19 @@ class _TrainingDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
+        skipped: list[str] = []
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
             if candidate in self._unreadable:
                 continue
             try:
-                return self._load(self.records.records[candidate])
+                sample = self._load(self.records.records[candidate])
+                return dataclasses.replace(sample, skipped=tuple(skipped)) if skipped else sample
             except DataError as error:
                 if self.strict:
                     raise
                 self._unreadable.add(candidate)
-                warnings.warn(f"skipping an unreadable training image ({len(self._unreadable)} skipped so far "
-                              f"from {self.records.source}): {error}", stacklevel=2)
+                skipped.append(str(error))
         raise DataError(f"{self.records.source}: none of its {len(self)} images could be read")
 
     def _load(self, record: ImageRecord) -> Sample:

@@ -55,6 +55,7 @@ def collate(samples: Sequence[Sample], size_divisibility: int = 32) -> Batch:
         strong=_pad_images([s.strong for s in samples], height, width) if paired[0] else None,
         image_ids=[s.image_id for s in samples],
         orig_sizes=[s.orig_size for s in samples],
+        skipped=[m for s in samples for m in s.skipped],
     )
 
 

@@ -69,6 +69,8 @@ class BatchStream:
 
     sampler: an endless per-rank index sampler (`InfiniteSampler`, `RepeatFactorSampler`).
     `position` is the number of batches taken so far; `start(position)` (re)opens the stream there.
+    `skipped` holds the distinct "file: problem" messages of the unreadable images this rank's
+    loader (its workers included) has passed over, in the order they were met.
     """
 
     def __init__(self, dataset: Dataset, sampler: Sampler[int], batch_size: int, num_workers: int = 0,
@@ -77,6 +79,7 @@ class BatchStream:
         self.sampler, self.batch_size, self.num_workers = sampler, batch_size, num_workers
         self.seed, self.rank, self.world_size, self.size_divisibility = seed, rank, world_size, size_divisibility
         self.position = 0
+        self.skipped: dict[str, None] = {}
         self._iterator: Iterator[Batch] | None = None
 
     def start(self, position: int = 0) -> None:
@@ -95,6 +98,7 @@ class BatchStream:
             self.start(self.position)
         batch = next(self._iterator)
         self.position += 1
+        self.skipped.update(dict.fromkeys(batch.skipped))
         return batch
 
     def close(self) -> None:

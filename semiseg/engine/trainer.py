@@ -72,6 +72,7 @@ class Trainer:
         self.best_metric: float | None = None
         self.best_iteration: int | None = None
         self.skipped_steps = 0
+        self.skipped_images: dict[str, int] = {}  # stream name -> unreadable images skipped (all ranks)
         self.data_time = 0.0
         self._writer = None
 
@@ -207,6 +208,7 @@ class Trainer:
                 bar.update(1)
                 last = self.iteration == solver.max_iter
                 if self.iteration % train_cfg.log_period == 0 or last:
+                    self._report_skipped_images(final=last)
                     elapsed = time.perf_counter() - window_start
                     self._log_train(window, elapsed / window_iters, self.data_time / window_iters)
                     window.clear()
@@ -226,6 +228,17 @@ class Trainer:
             if self._writer is not None:
                 self._writer.close()
 
+    def _report_skipped_images(self, final: bool) -> None:
+        """Gather every rank's skipped unreadable images (loader workers included); rank 0 warns when the
+        count grew (and once more at the end of the run) and `_log_train` writes it to metrics.jsonl."""
+        for name, stream in self.streams.items():
+            merged = dict.fromkeys(m for skipped in all_gather_object(list(stream.skipped)) for m in skipped)
+            count, before = len(merged), self.skipped_images.get(name, 0)
+            self.skipped_images[name] = count
+            if is_main_process() and count and (count > before or final):
+                logger.warning("%s%d unreadable %s image(s) skipped so far, first: %s",
+                               "end of training: " if final else "", count, name, next(iter(merged)))
+
     def _log_train(self, window: dict[str, list[float]], time_per_iter: float, data_time: float) -> None:
         """Average the window's loss terms over iterations and ranks; write them on rank 0."""
         means = {k: torch.tensor(sum(v) / len(v)) for k, v in sorted(window.items())}
@@ -235,6 +248,7 @@ class Trainer:
         record = {"iteration": self.iteration, "lr": self.cfg.solver.lr * lr_factor(self.iteration - 1, self.cfg.solver),
                   "loss": sum(means.values()) if means else None, **means, "time": time_per_iter,
                   "data_time": data_time, "skipped_steps": self.skipped_steps,
+                  **{f"skipped_images_{name}": count for name, count in self.skipped_images.items()},
                   "eta_seconds": time_per_iter * (self.cfg.solver.max_iter - self.iteration)}
         self._append_metrics(record)
         for k, v in record.items():
