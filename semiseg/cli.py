@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from semiseg.engine.preemption import PREEMPTED_EXIT_STATUS, TrainingPreempted
 from semiseg.errors import SemisegError
 from semiseg.models.registry import META_ARCHITECTURES
 
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingPreempted as e:
+        print(f"semiseg: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_STATUS
     except SemisegError as e:
         print(f"semiseg: error: {e}", file=sys.stderr)
         return 2

@@ -158,7 +158,9 @@ class TrainConfig:
     on_nonfinite: "stop" (error naming the iteration and every loss term) or "skip" the step.
     best_metric: "<iou type>.<metric>" of the evaluation that selects `checkpoints/best` (higher is better).
     overwrite: a new run may replace the semiseg files of a non-empty `output_dir`.
-    resume: continue the run in `output_dir` from `checkpoints/last` (same as `--resume`).
+    resume: continue the run in `output_dir` from `checkpoints/last` (true, same as `--resume`), or
+            "auto": continue when `checkpoints/last` exists, else start a new run (elastic restarts:
+            `torchrun --max-restarts N`, requeued SLURM jobs).
     """
 
     output_dir: Path = Path("runs/default")
@@ -172,7 +174,7 @@ class TrainConfig:
     best_metric: str = "segm.AP"
     find_unused_parameters: bool = False
     overwrite: bool = False
-    resume: bool = False
+    resume: bool | Literal["auto"] = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "train", ("eval_period", "checkpoint_period", "log_period"))

@@ -17,10 +17,10 @@ import torch
 from semiseg.config import Config, save_config
 from semiseg.data.coco import load_coco_instances
 from semiseg.data.records import DatasetRecords
-from semiseg.engine.distributed import (collective, destroy_distributed, get_rank, get_world_size, init_distributed,
-                                        is_main_process, limit_cpu_threads, seed_everything, select_device)
+from semiseg.engine.distributed import (broadcast_object, collective, destroy_distributed, get_rank, get_world_size,
+                                        init_distributed, is_main_process, limit_cpu_threads, seed_everything, select_device)
 from semiseg.engine.evaluate import build_eval_loader_for, evaluate_model
-from semiseg.engine.run_dir import close_run_log, open_run_log, prepare_run_dir
+from semiseg.engine.run_dir import close_run_log, open_run_log, prepare_run_dir, should_resume
 from semiseg.engine.stream import build_labeled_stream
 from semiseg.engine.trainer import EvaluateFn, Trainer
 from semiseg.errors import ConfigError
@@ -35,7 +35,9 @@ logger = logging.getLogger("semiseg")
 def train(cfg: Config, resume: bool = False) -> Path:
     """Train the model `cfg` describes into `cfg.train.output_dir`; returns that run directory.
 
-    resume (or `train.resume`): continue from `<output_dir>/checkpoints/last`, exactly where it stopped.
+    resume (or `train.resume`): continue from `<output_dir>/checkpoints/last`, exactly where it stopped
+    (`train.resume: auto`: when there is one). SIGTERM / SIGUSR1 end it with a checkpoint and
+    `TrainingPreempted` (engine/preemption.py).
     """
     device = select_device(cfg.train.device)
     limit_cpu_threads(device, cfg.data.num_workers)
@@ -50,11 +52,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
             destroy_distributed()
 
 
-def build_trainer(cfg: Config, device: torch.device, resume: bool) -> Trainer:
+def build_trainer(cfg: Config, device: torch.device, resume: bool | str) -> Trainer:
     """Run directory, seeds, data, model, evaluation and (for `resume`) the restored state."""
     data = cfg.data
     if data.train_ann is None or data.train_images is None:
         raise ConfigError("data.train_ann and data.train_images must be set (a COCO instances json and its images)")
+    resume = broadcast_object(should_resume(cfg.train.output_dir, resume) if is_main_process() else None)
     run = collective(lambda: prepare_run_dir(cfg.train.output_dir, resume, cfg.train.overwrite))
     seed_everything(cfg.train.seed + get_rank(), cfg.train.deterministic)
     if is_main_process():

@@ -1,5 +1,7 @@
 """Checkpoints: atomic writes, weights_only training state, self-describing weights, exact resume."""
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,8 @@ from engine_doubles import CLASS_NAMES, PixelClassifier, parameters, toy_config,
 
 from semiseg.engine.checkpoint import STATE_FILE, capture_rng_state, resolve_checkpoint_dir, restore_rng_state, save_checkpoint, weights_file
 from semiseg.weights import WeightsInfo, atomic_write, read_weights
+from semiseg.engine.preemption import TrainingPreempted
+from semiseg.engine.run_dir import should_resume
 from semiseg.errors import CheckpointError, ConfigError
 
 
@@ -143,3 +147,32 @@ def test_resume_continues_exactly_with_the_real_tiny_mask2former(tmp_path):
     torch.manual_seed(99)
     resumed = run(tmp_path / "resumed", 4, resume=True)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_auto_resume_continues_exactly(tmp_path, sig):
+    straight = toy_trainer(toy_config(tmp_path / "straight", "solver.max_iter=8"))
+    straight.train()
+    run = tmp_path / "preempted"
+    assert not should_resume(run, "auto")  # nothing there yet: a new run
+    first = toy_trainer(toy_config(run, "solver.max_iter=8"))
+    step = first.run_step
+
+    def signalled_step(iteration):
+        if iteration == 3:
+            os.kill(os.getpid(), sig)  # as SLURM / Kubernetes would, in the middle of a step
+        return step(iteration)
+
+    first.run_step = signalled_step
+    handler_before = signal.getsignal(sig)
+    with pytest.raises(TrainingPreempted, match=rf"stopped by {sig.name} at iteration 4; checkpoint saved in "
+                                                r".*last: continue with --resume"):
+        first.train()
+    assert signal.getsignal(sig) is handler_before  # the previous handler is back
+    assert should_resume(run, "auto")
+    torch.manual_seed(99)
+    resumed = toy_trainer(toy_config(run, "solver.max_iter=8"), resume=True)
+    assert resumed.iteration == 4
+    resumed.train()
+    expected, got = parameters(straight.model), parameters(resumed.model)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -65,6 +65,13 @@ class RunDir:
         return found
 
 
+def should_resume(output_dir: Path, resume: bool | str) -> bool:
+    """`train.resume` as a decision: True/False as given; "auto": whether `output_dir` has a checkpoint to resume."""
+    if resume == "auto":
+        return resolve_checkpoint_dir(RunDir(Path(output_dir)).last) is not None
+    return bool(resume)
+
+
 def prepare_run_dir(output_dir: Path, resume: bool, overwrite: bool) -> RunDir:
     """Check (and, for `overwrite`, clear) `output_dir` before a run writes into it.
 

@@ -36,6 +36,7 @@ from semiseg.engine.distributed import (all_gather_object, all_ranks_true, barri
 from semiseg.engine.optim import build_lr_scheduler, build_optimizer, clip_full_model_grad_norm, lr_factor
 from semiseg.engine.run_dir import RunDir
 from semiseg.engine.stream import BatchStream
+from semiseg.engine.preemption import PreemptionFlag, TrainingPreempted, catch_preemption
 from semiseg.errors import TrainingError
 from semiseg.evaluation import format_metrics
 from semiseg.structures import Batch
@@ -182,8 +183,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> None:
-        """Run from `self.iteration` to `solver.max_iter`, then evaluate and save a final checkpoint."""
-        solver, train_cfg = self.cfg.solver, self.cfg.train
+        """Run from `self.iteration` to `solver.max_iter`, then evaluate and save a final checkpoint.
+
+        SIGTERM / SIGUSR1 stop it at the next step boundary with a checkpoint (`engine/preemption.py`).
+        """
         main = is_main_process()
         for model in self.checkpoint_models().values():
             model.train()
@@ -191,8 +194,13 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run.tensorboard))
-        bar = tqdm(total=solver.max_iter, initial=self.iteration, disable=not main, dynamic_ncols=True,
+        bar = tqdm(total=self.cfg.solver.max_iter, initial=self.iteration, disable=not main, dynamic_ncols=True,
                    desc="train", unit="it")
+        with catch_preemption() as flag:
+            self._train_loop(flag, bar)
+
+    def _train_loop(self, flag: PreemptionFlag, bar: tqdm) -> None:
+        solver, train_cfg = self.cfg.solver, self.cfg.train
         window: dict[str, list[float]] = defaultdict(list)
         window_start, self.data_time = time.perf_counter(), 0.0
         window_iters = 0
@@ -217,6 +225,12 @@ class Trainer:
                     self.evaluate_and_select()
                 if self.iteration % train_cfg.checkpoint_period == 0 or last:
                     self.save("last")
+                elif not all_ranks_true(flag.received is None, self.device):  # any rank signalled: all stop
+                    self.save("last")
+                    raise TrainingPreempted(
+                        f"stopped by {flag.received or 'a preemption signal on another rank'} at iteration "
+                        f"{self.iteration}; checkpoint saved in {self.run.last}: continue with --resume "
+                        f"(or train.resume=auto)")
         except torch.OutOfMemoryError:
             raise TrainingError(f"{self.device} ran out of memory at iteration {self.iteration}: try a smaller "
                                 f"data.batch_size (with solver.grad_accum to keep the effective batch), a smaller "
