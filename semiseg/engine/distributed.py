@@ -81,8 +81,16 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> bool:
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(minutes=timeout_minutes),
-                            **kwargs)
+    timeout = timedelta(minutes=timeout_minutes)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout, **kwargs)
+        return True
+    # Under torchrun every restart gets its own key space in the rendezvous store: the keys of the
+    # killed attempt's group (its peers' addresses) are still there, and gloo would wait for them.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"semiseg/attempt{restart}/", store),
+                            rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     return True
 
 
