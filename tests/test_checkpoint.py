@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, weights_only training state, self-describing weights, exact resume."""
+import errno
 import json
 import os
 import signal
@@ -43,7 +44,7 @@ def test_checkpoint_swap_is_atomic_when_serialisation_fails(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "save", failing_save)
     with torch.no_grad():
         model.head.weight.add_(1.0)
-    with pytest.raises(OSError, match="no space"):
+    with pytest.raises(CheckpointError, match=r"last: cannot write the checkpoint \(no space left on device\)"):
         save_checkpoint(tmp_path / "last", {"model": model}, {"iteration": 2}, info)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no temporary folder left behind
     assert (tmp_path / "last" / "model.safetensors").read_bytes() == before
@@ -176,3 +177,32 @@ def test_preemption_signal_checkpoints_and_auto_resume_continues_exactly(tmp_pat
     resumed.train()
     expected, got = parameters(straight.model), parameters(resumed.model)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     PermissionError(errno.EROFS, "Read-only file system")])
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    import semiseg.engine.checkpoint as checkpoint_module
+
+    trainer = toy_trainer(toy_config(tmp_path / "run", "solver.max_iter=4", "train.checkpoint_period=2"))
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, path, *args, **kwargs):  # the training state of the 2nd checkpoint cannot be written
+        calls.append(path)
+        if len(calls) == 2:
+            raise failure
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    with pytest.raises(CheckpointError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert message == (f"{tmp_path / 'run' / 'checkpoints' / 'last'}: cannot write the checkpoint ({failure.strerror}); "
+                       f"the previous checkpoint there, if any, is unchanged")
+    monkeypatch.undo()
+    kept = resolve_checkpoint_dir(tmp_path / "run" / "checkpoints" / "last")
+    assert torch.load(kept / STATE_FILE, weights_only=True)["iteration"] == 2  # the first one, still loadable
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last"]  # no temporary folder left
+    resumed = toy_trainer(toy_config(tmp_path / "run", "solver.max_iter=4"), resume=True)
+    assert resumed.iteration == 2

@@ -67,8 +67,18 @@ def save_checkpoint(directory: Path, models: dict[str, nn.Module], state: dict[s
     """Write models + training state into `directory` as one atomic unit (replacing an old one).
 
     models: {"model": m} or {"student": s, "teacher": t}; info.name is replaced by each key.
+    A write that fails (full disk, read-only or missing folder) raises one `CheckpointError` line and
+    leaves the previous checkpoint in `directory` as it was.
     """
     directory = Path(directory)
+    try:
+        _write_checkpoint(directory, models, state, info)
+    except OSError as e:
+        raise CheckpointError(f"{directory}: cannot write the checkpoint ({e.strerror or e}); the previous "
+                              f"checkpoint there, if any, is unchanged") from None
+
+
+def _write_checkpoint(directory: Path, models: dict[str, nn.Module], state: dict[str, Any], info: WeightsInfo) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:

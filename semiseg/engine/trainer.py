@@ -31,7 +31,7 @@ from tqdm import tqdm
 from semiseg.config import Config, config_to_dict
 from semiseg.engine.checkpoint import (capture_rng_state, load_training_state, restore_rng_state, save_checkpoint,
                                        weights_file)
-from semiseg.engine.distributed import (all_gather_object, all_ranks_true, barrier, get_rank, get_world_size,
+from semiseg.engine.distributed import (all_gather_object, all_ranks_true, collective, get_rank, get_world_size,
                                         is_main_process, reduce_dict, wrap_ddp)
 from semiseg.engine.optim import build_lr_scheduler, build_optimizer, clip_full_model_grad_norm, lr_factor
 from semiseg.engine.run_dir import RunDir
@@ -301,12 +301,15 @@ class Trainer:
     def save(self, which: str) -> None:
         """Write checkpoint `which` ("last" or "best"). Collective: call on every rank."""
         state = self.state_dict()
-        if is_main_process():
-            directory = self.run.last if which == "last" else self.run.best
-            info = WeightsInfo(config_to_dict(self.cfg), self.info.class_names, self.info.category_ids, "model")
-            save_checkpoint(directory, self.checkpoint_models(), state, info)
-            logger.info("saved checkpoint %s at iteration %d", directory, self.iteration)
-        barrier()
+        directory = self.run.last if which == "last" else self.run.best
+
+        def write() -> None:
+            if is_main_process():
+                info = WeightsInfo(config_to_dict(self.cfg), self.info.class_names, self.info.category_ids, "model")
+                save_checkpoint(directory, self.checkpoint_models(), state, info)
+                logger.info("saved checkpoint %s at iteration %d", directory, self.iteration)
+
+        collective(write)  # rank 0 writes; a failed write (full disk, read-only folder) stops every rank
 
     def load_checkpoint(self, directory) -> None:
         """Restore models and training state from a checkpoint folder written by `save`."""
