@@ -9,9 +9,11 @@
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,21 @@ def test_elastic_restart_after_a_worker_is_killed_resumes_and_ends_equal(one_pro
     assert logged == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # killed in step 6, resumed from the checkpoint at 4
     assert_ranks_match(tmp_path, one_process)
 
+
+
+def test_sigterm_to_torchrun_checkpoints_every_worker_and_stops(tmp_path):
+    agent = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(TESTS / "torchrun_toy.py"),
+                              str(tmp_path), "-1", "100000"], env=environment(), stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    agent.send_signal(signal.SIGTERM)  # as `scancel` / SLURM's --signal=TERM / Kubernetes would
+    _, stderr = agent.communicate(timeout=120)
+    assert agent.returncode != 0 and stderr.count("stopped by SIGTERM at iteration") == 2  # both workers
+    stopped_at = int(stderr.split("stopped by SIGTERM at iteration ")[1].split(";")[0])
+    assert 3 <= stopped_at < 100000
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last" / "state.pt", weights_only=True)["iteration"] == stopped_at
 
 CONFIGS = TESTS.parent / "configs"
 

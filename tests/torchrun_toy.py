@@ -1,9 +1,9 @@
 """Started by `torchrun` in tests/test_torchrun.py: the engine's Trainer, DDP and checkpoints on the
 deterministic double (`engine_doubles`), so that every launch mode can be compared with one process.
 
-    torchrun ... tests/torchrun_toy.py OUT [KILL_AT]
+    torchrun ... tests/torchrun_toy.py OUT [KILL_AT [MAX_ITER]]
 
-Trains 8 iterations of global batch 4 into OUT/run with `train.resume: auto` and a checkpoint every
+Trains 8 (or MAX_ITER) iterations of global batch 4 into OUT/run with `train.resume: auto` and a checkpoint every
 2 iterations, then saves each rank's parameters to OUT/rankR.pt. KILL_AT: on the first attempt
 (TORCHELASTIC_RESTART_COUNT 0) rank 1 SIGKILLs itself at the start of that iteration, so an
 elastic restart (`--max-restarts`) has to resume from the last checkpoint.
@@ -25,10 +25,11 @@ TOY_OVERRIDES = ("data.batch_size=4", "solver.max_iter=8", "train.checkpoint_per
 
 def main() -> None:
     out, kill_at = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else -1
+    max_iter = sys.argv[3] if len(sys.argv) > 3 else "8"
     torch.set_num_threads(1)
     init_distributed(torch.device("cpu"))
     try:
-        cfg = toy_config(out / "run", *TOY_OVERRIDES)
+        cfg = toy_config(out / "run", *TOY_OVERRIDES, f"solver.max_iter={max_iter}")
         rank = get_rank()
         trainer = toy_trainer(cfg, resume=should_resume(out / "run", "auto"), rank=rank, world_size=get_world_size())
         if rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
