@@ -260,7 +260,12 @@ def load_pretrained_model(model: nn.Module, path: str | Path, num_classes: int) 
     state = read_model_weights(path)
     own = model.state_dict()
     resized = sorted(k for k, v in state.items() if k in own and _differs_in_classes(v.shape, own[k].shape, num_classes))
-    load_weights_into(model, {k: v for k, v in state.items() if k not in resized}, path, may_be_missing=resized)
+    try:
+        load_weights_into(model, {k: v for k, v in state.items() if k not in resized}, f"model.weights={path}",
+                          may_be_missing=resized)
+    except CheckpointError as e:  # most often a preset's model.weights under a config that resized the model
+        raise CheckpointError(f"{e} (a model of another size or architecture: set model.weights=null to start "
+                              f"from the backbone weights only)") from None
     if resized:
         logger.info("%s: %d class layers re-initialised for %d classes (%s)", path, len(resized), num_classes,
                     ", ".join(resized))

@@ -6,7 +6,7 @@ from semiseg.engine.run_dir import close_run_log
 from semiseg.training import build_trainer
 from semiseg.weights import read_weights
 
-TINY = ["model.backbone.name=tiny_resnet", "model.mask2former.hidden_dim=32", "model.mask2former.conv_dim=32",
+TINY = ["model.weights=null", "model.backbone.name=tiny_resnet", "model.mask2former.hidden_dim=32", "model.mask2former.conv_dim=32",
         "model.mask2former.mask_dim=32", "model.mask2former.nheads=4", "model.mask2former.dim_feedforward=64",
         "model.mask2former.enc_dim_feedforward=64", "model.mask2former.enc_layers=1",
         "model.mask2former.dec_layers=2", "model.mask2former.num_queries=8", "model.mask2former.test_topk=10",

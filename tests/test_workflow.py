@@ -10,7 +10,7 @@ from semiseg.errors import ConfigError
 from semiseg.workflow import override_strings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SMALL = {"model.mask2former.hidden_dim": 32, "model.mask2former.dim_feedforward": 64,
+SMALL = {"model.weights": None, "model.mask2former.hidden_dim": 32, "model.mask2former.dim_feedforward": 64,
          "model.mask2former.enc_dim_feedforward": 64, "model.mask2former.enc_layers": 1,
          "model.mask2former.dec_layers": 2, "model.mask2former.num_queries": 8,
          "model.mask2former.train_num_points": 128, "data.augmentation.image_size": 64,
