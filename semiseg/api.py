@@ -108,9 +108,10 @@ def expand_image_paths(inputs: Sequence[Path | str]) -> list[Path]:
 
 
 def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: Path | str,
-                   score_threshold: float = 0.5, device: str | None = None) -> Path:
+                   score_threshold: float = 0.5, device: str | None = None, config: Path | str | None = None) -> Path:
     """`semiseg predict`: an overlay PNG per image and `predictions.json` (COCO results) in `out_dir`.
 
+    config: the model's YAML config, for weights that embed none (as `load`).
     The json keeps every prediction with its `file_name` (the threshold only affects the overlays)
     and dataset category ids. An existing `predictions.json` is never overwritten (DataError).
     """
@@ -119,7 +120,7 @@ def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: P
     if results_path.exists():
         raise DataError(f"{results_path} already exists: choose another --out or remove it")
     paths = expand_image_paths(images)
-    predictor = load(weights, device)
+    predictor = load(weights, device, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, used = [], set()
     for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", dynamic_ncols=True), start=1):

@@ -46,7 +46,7 @@ def _predict(args: argparse.Namespace) -> None:
     from semiseg.api import predict_to_dir
 
     predict_to_dir(args.images, weights=args.weights, out_dir=args.out, score_threshold=args.score_threshold,
-                   device=args.device)
+                   device=args.device, config=args.config)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None,
+                   help="the model's config, for weights without an embedded one (converted official checkpoints)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="overlay threshold (json keeps all)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_predict)

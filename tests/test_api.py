@@ -4,12 +4,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from semiseg.api import load, predict_to_dir
 from semiseg.config import Config, apply_overrides, config_to_dict
 from semiseg.engine.checkpoint import save_weights
-from semiseg.weights import WeightsInfo
+from semiseg.weights import WeightsInfo, read_weights
 from semiseg.errors import CheckpointError, DataError
 from semiseg.models.build import build_model
 from semiseg.structures import masks_to_boxes
@@ -113,3 +114,22 @@ def test_model_weights_of_another_architecture_size_are_a_one_line_error(weights
     with pytest.raises(CheckpointError, match=r"^model.weights=.*model.safetensors: does not fit the model: \d+ shape "
                                               r"mismatches.* set model.weights=null to start from the backbone"):
         build_model(wider.model, 3)
+
+
+def test_cli_predict_with_config_for_weights_without_an_embedded_one(weights, tmp_path, capsys):
+    from semiseg.cli import main
+
+    tensors, info = read_weights(weights)
+    bare = tmp_path / "converted.safetensors"  # as `semiseg convert` writes an official checkpoint
+    save_weights(bare, tensors, WeightsInfo(None, [], [], "model"))
+    Image.fromarray(image(0)).save(tmp_path / "one.png")
+    assert main(["predict", str(tmp_path / "one.png"), "--weights", str(bare), "--out", str(tmp_path / "a")]) == 2
+    assert "has no embedded semiseg config" in capsys.readouterr().err
+    config = tmp_path / "model.yaml"
+    config.write_text(yaml.safe_dump(info.config))
+    assert main(["predict", str(tmp_path / "one.png"), "--weights", str(bare), "--config", str(config),
+                 "--out", str(tmp_path / "b")]) == 0
+    predict_to_dir([tmp_path / "one.png"], weights, tmp_path / "c", device="cpu")
+    embedded, bare_results = (json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("c", "b"))
+    without_ids = [{k: v for k, v in r.items() if k != "category_id"} for r in embedded]
+    assert [{k: v for k, v in r.items() if k != "category_id"} for r in bare_results] == without_ids  # same model
