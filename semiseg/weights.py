@@ -335,6 +335,8 @@ def select_model_weights(state: Mapping[str, torch.Tensor], which: str = "auto",
             raise CheckpointError(f"{source}: has no {taken} weights ({GD_PREFIXES[taken]}*); "
                                   f"it holds: {', '.join(present)}")
         weights = _strip(state, GD_PREFIXES[taken])
+        # the unlabeled criterion's class weights: a copy of `criterion.empty_weight` that semiseg has no place for
+        weights = {k: v for k, v in weights.items() if not k.startswith("ssl_criterion.")}
     elif which != "auto":
         raise CheckpointError(f"{source}: is not a Guided Distillation checkpoint (no modelTeacher./modelStudent. "
                               f"weights), so --which {which} does not apply; use --which auto")
