@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -344,11 +345,35 @@ def select_model_weights(state: Mapping[str, torch.Tensor], which: str = "auto",
         taken, weights = "model", dict(state)
     if weights and all(k.startswith("module.") for k in weights):
         weights = _strip(weights, "module.")
+    weights = _swin_official_to_timm(weights)
     if not any(k.startswith("sem_seg_head.") for k in weights):
         example = ", ".join(sorted(weights)[:3]) or "nothing"
         raise CheckpointError(f"{source}: no sem_seg_head.* weights, so not a Mask2Former / Mask DINO model "
                               f"(it holds {len(weights)} entries, e.g. {example})")
     return weights, taken
+
+
+_SWIN_DOWNSAMPLE = re.compile(r"^backbone\.layers\.(\d+)\.downsample\.")
+
+
+def _swin_official_to_timm(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official Swin of Mask2Former / Mask DINO in semiseg's (timm's) layout; other weights unchanged.
+
+    The official code merges patches at the end of stage s (`layers.{s}.downsample`), timm at the
+    start of stage s + 1: a pure rename, shapes and weight order identical. Its saved
+    `relative_position_index` buffers are dropped (timm rebuilds the same indices).
+    """
+    if "backbone.layers.0.downsample.reduction.weight" not in weights:  # timm's stage 0 has no downsample
+        return weights
+    renamed = {}
+    for key, value in weights.items():
+        if key.endswith("attn.relative_position_index"):
+            continue
+        stage = _SWIN_DOWNSAMPLE.match(key)
+        if stage:
+            key = f"backbone.layers.{int(stage.group(1)) + 1}.downsample.{key[stage.end():]}"
+        renamed[key] = value
+    return renamed
 
 
 def convert_checkpoint(src: Path, dst: Path, which: str = "auto") -> Path:

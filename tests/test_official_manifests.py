@@ -24,20 +24,28 @@ def manifest_state(name: str) -> dict[str, torch.Tensor]:
     return {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
 
 
-def model_shapes(config: str) -> dict[str, tuple[int, ...]]:
-    cfg = load_config(CONFIGS / config)
+def model_shapes(config: str, overrides: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    cfg = load_config(CONFIGS / config, ["model.backbone.weights=null", *overrides])
     with torch.device("meta"):
         model = build_model(cfg.model, 80, load_pretrained=False)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("manifest, which, config", [
-    ("mask2former_coco_instance_r50", "auto", "coco_mask2former_r50.yaml"),
-    ("guided_distillation_coco_instance_r50_stage1", "teacher", "coco_mask2former_r50.yaml"),
-    ("guided_distillation_coco_instance_r50_stage2", "teacher", "coco_mask2former_r50.yaml"),
-    ("guided_distillation_coco_instance_r50_stage2", "student", "coco_mask2former_r50.yaml"),
+M2F = "coco_mask2former_r50.yaml"
+
+
+@pytest.mark.parametrize("manifest, which, config, overrides", [
+    ("mask2former_coco_instance_r50", "auto", M2F, ()),
+    ("mask2former_coco_instance_swin_t", "auto", M2F, ("model.backbone.name=swin_tiny", "model.backbone.norm=null")),
+    ("mask2former_coco_instance_swin_s", "auto", M2F, ("model.backbone.name=swin_small", "model.backbone.norm=null")),
+    ("mask2former_coco_instance_swin_b_384_in21k", "auto", M2F, ("model.backbone.name=swin_base", "model.backbone.norm=null")),
+    ("mask2former_coco_instance_swin_l_384_in21k_200q", "auto", M2F,
+     ("model.backbone.name=swin_large", "model.backbone.norm=null", "model.mask2former.num_queries=200")),
+    ("guided_distillation_coco_instance_r50_stage1", "teacher", M2F, ()),
+    ("guided_distillation_coco_instance_r50_stage2", "teacher", M2F, ()),
+    ("guided_distillation_coco_instance_r50_stage2", "student", M2F, ()),
 ])
-def test_converted_official_layout_fits_the_model_exactly(manifest, which, config):
+def test_converted_official_layout_fits_the_model_exactly(manifest, which, config, overrides):
     weights, taken = select_model_weights(manifest_state(manifest), which, source=manifest)
     assert taken == ("model" if which == "auto" else which)
-    assert {k: tuple(v.shape) for k, v in weights.items()} == model_shapes(config)
+    assert {k: tuple(v.shape) for k, v in weights.items()} == model_shapes(config, overrides)
