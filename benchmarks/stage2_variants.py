@@ -28,6 +28,7 @@ VARIANTS = {
     "threshold_0.8": ["semi.pseudo_labels.score_threshold=0.8"],
     "no_nms": ["semi.pseudo_labels.nms_iou=1.0"],
     "ema_0.995": ["semi.ema_decay=0.995"],
+    "lr_1e-3": ["solver.lr=1e-3"],  # the teacher's rate instead of 3e-4
     "burn_in_150": ["semi.burn_in_iter=150"],
     "unsup_1": ["semi.unsup_loss_weight=1.0"],
     "unsup_4": ["semi.unsup_loss_weight=4.0"],
