@@ -181,3 +181,17 @@ def test_score_weighted_unlabeled_loss_uses_the_mean_pseudo_label_confidence():
     assert unsupervised_weight(batch, 2.0, score_weighted=False) == 2.0
     assert unsupervised_weight(batch, 2.0, score_weighted=True) == pytest.approx(2.0 * 0.8)
     assert unsupervised_weight([Instances.empty(4, 4)], 2.0, score_weighted=True) == 2.0
+
+
+def test_unreadable_unlabeled_images_in_loader_workers_are_counted(data, tmp_path):
+    unlabeled = json.loads(data["unlabeled"].read_text())
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, entry in enumerate(unlabeled["images"]):
+        source = (data["train_images"] / entry["file_name"]).read_bytes()
+        (images / entry["file_name"]).write_bytes(source[:50] if i % 2 else source)  # every other one truncated
+    run = train(gd_config(data, tmp_path / "run", "solver.max_iter=3", "semi.burn_in_iter=100",
+                          "data.num_workers=1", f"data.unlabeled_images={images}"))
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["skipped_images_unlabeled"] >= 1 and last["skipped_images_labeled"] == 0
+    assert "unreadable unlabeled image(s) skipped so far" in (run / "log.txt").read_text()
