@@ -9,8 +9,9 @@
 5. print teacher, student and reference mask AP on the validation images, save overlays of a few
    of them (ground truth | teacher | student) and write every number to `results.json`.
 
-The model is the tiny Mask2Former of the preset `semiseg:tiny_mask2former` (`--model maskdino`:
-`semiseg:tiny_maskdino`), on the shipped pretrained tiny ResNet (`semiseg:tiny_resnet_pretext`,
+The model is the tiny Mask2Former of the preset `semiseg:tiny_mask2former`, which starts from the
+whole model pretrained on procedural pretext scenes (`semiseg:tiny_mask2former_pretext`;
+`--model maskdino`: `semiseg:tiny_maskdino`, from the pretrained tiny ResNet only;
 docs/pretrained.md); `configs/synthetic_*_tiny.yaml` use the same presets. `run_pipeline(..., dataset=...)` runs
 the same pipeline on any COCO dataset (benchmarks/semi_supervised.py --ann).
 docs/guided_distillation.md reports what the demo and its benchmark measured.
