@@ -31,23 +31,18 @@ def model_shapes(config: str, overrides: tuple[str, ...] = ()) -> dict[str, tupl
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-M2F = "coco_mask2former_r50.yaml"
-
-
 @pytest.mark.parametrize("manifest, which, config, overrides", [
-    ("mask2former_coco_instance_r50", "auto", M2F, ()),
-    ("mask2former_coco_instance_swin_t", "auto", M2F, ("model.backbone.name=swin_tiny", "model.backbone.norm=null")),
-    ("mask2former_coco_instance_swin_s", "auto", M2F, ("model.backbone.name=swin_small", "model.backbone.norm=null")),
-    ("mask2former_coco_instance_swin_b_384_in21k", "auto", M2F, ("model.backbone.name=swin_base", "model.backbone.norm=null")),
-    ("mask2former_coco_instance_swin_l_384_in21k_200q", "auto", M2F,
-     ("model.backbone.name=swin_large", "model.backbone.norm=null", "model.mask2former.num_queries=200")),
-    ("maskdino_coco_instance_r50_3s_dowsample1_2048", "auto", M2F, ("model.arch=maskdino",)),
-    ("maskdino_coco_instance_swin_l_4s_dowsample1_2048", "auto", M2F,
-     ("model.arch=maskdino", "model.backbone.name=swin_large", "model.backbone.norm=null",
-      "model.maskdino.transformer_in_features=[res2,res3,res4,res5]", "model.maskdino.total_num_feature_levels=5")),
-    ("guided_distillation_coco_instance_r50_stage1", "teacher", M2F, ()),
-    ("guided_distillation_coco_instance_r50_stage2", "teacher", M2F, ()),
-    ("guided_distillation_coco_instance_r50_stage2", "student", M2F, ()),
+    ("mask2former_coco_instance_r50", "auto", "coco_mask2former_r50.yaml", ()),
+    ("mask2former_coco_instance_swin_t", "auto", "coco_mask2former_swin_t.yaml", ()),
+    ("mask2former_coco_instance_swin_s", "auto", "coco_mask2former_swin_t.yaml", ("model.backbone.name=swin_small",)),
+    ("mask2former_coco_instance_swin_b_384_in21k", "auto", "coco_mask2former_swin_t.yaml",
+     ("model.backbone.name=swin_base",)),
+    ("mask2former_coco_instance_swin_l_384_in21k_200q", "auto", "coco_mask2former_swin_l.yaml", ()),
+    ("maskdino_coco_instance_r50_3s_dowsample1_2048", "auto", "coco_maskdino_r50.yaml", ()),
+    ("maskdino_coco_instance_swin_l_4s_dowsample1_2048", "auto", "coco_maskdino_swin_l.yaml", ()),
+    ("guided_distillation_coco_instance_r50_stage1", "teacher", "coco_mask2former_r50.yaml", ()),
+    ("guided_distillation_coco_instance_r50_stage2", "teacher", "coco_mask2former_r50.yaml", ()),
+    ("guided_distillation_coco_instance_r50_stage2", "student", "coco_mask2former_r50.yaml", ()),
 ])
 def test_converted_official_layout_fits_the_model_exactly(manifest, which, config, overrides):
     weights, taken = select_model_weights(manifest_state(manifest), which, source=manifest)
