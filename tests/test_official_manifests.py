@@ -43,6 +43,10 @@ def model_shapes(config: str, overrides: tuple[str, ...] = ()) -> dict[str, tupl
     ("guided_distillation_coco_instance_r50_stage1", "teacher", "coco_mask2former_r50.yaml", ()),
     ("guided_distillation_coco_instance_r50_stage2", "teacher", "coco_mask2former_r50.yaml", ()),
     ("guided_distillation_coco_instance_r50_stage2", "student", "coco_mask2former_r50.yaml", ()),
+    ("guided_distillation_coco_instance_dinov2_vitb14_stage1", "teacher", "coco_gd_dinov2_base.yaml", ()),
+    ("guided_distillation_coco_instance_dinov2_vitb14_stage2", "student", "coco_gd_dinov2_base.yaml", ()),
+    ("guided_distillation_coco_instance_dinov2_vitl14_stage1", "teacher", "coco_gd_dinov2_large.yaml", ()),
+    ("guided_distillation_coco_instance_deit_base_patch16_384_stage1", "teacher", "coco_gd_deit_base.yaml", ()),
 ])
 def test_converted_official_layout_fits_the_model_exactly(manifest, which, config, overrides):
     weights, taken = select_model_weights(manifest_state(manifest), which, source=manifest)

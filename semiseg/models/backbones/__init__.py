@@ -4,7 +4,8 @@
 - `tiny_resnet`: a small basic-block ResNet for CPU tests and the demo (trained from scratch);
 - `resnet50`, `resnet101`: torchvision's ResNets with detectron2 parameter names (`resnet.py`);
 - `swin_{tiny,small,base,large}`: timm Swin with Mask2Former's semantics (`swin.py`);
-- `vit_{small,base,large}`, `dinov2_{small,base,large}`: timm ViTs + a simple feature pyramid (`vit.py`).
+- `vit_{small,base,large}`, `dinov2_{small,base,large}`: timm ViTs + a simple feature pyramid (`vit.py`);
+- `gd_dinov2_{base,large}`, `gd_deit_base`: Guided Distillation's ViT adapters, exactly (`gd_vit.py`).
 Pretrained weights come from a local file (`weights`); downloading needs the explicit `download=True`.
 """
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Literal
 
 from semiseg.errors import ConfigError
 from semiseg.models.backbones.base import Backbone
+from semiseg.models.backbones.gd_vit import GD_VIT_MODELS, build_gd_vit
 from semiseg.models.backbones.resnet import build_bottleneck_resnet, build_tiny_resnet, torchvision_resnet_state_dict
 from semiseg.models.backbones.swin import SWIN_MODELS, build_swin
 from semiseg.models.backbones.vit import VIT_MODELS, build_vit
 from semiseg.weights import load_checkpoint_file
 
 RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
-BACKBONE_NAMES = ("tiny_resnet", *RESNET_DEPTHS, *SWIN_MODELS, *VIT_MODELS)
+BACKBONE_NAMES = ("tiny_resnet", *RESNET_DEPTHS, *SWIN_MODELS, *VIT_MODELS, *GD_VIT_MODELS)
 
 
 @dataclass
@@ -83,6 +85,8 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
             model.load_pretrained(torchvision_resnet_state_dict(cfg.name), f"torchvision {cfg.name}")
     elif cfg.name in SWIN_MODELS:
         model = build_swin(cfg.name, cfg.drop_path_rate, download=cfg.download)
+    elif cfg.name in GD_VIT_MODELS:
+        model = build_gd_vit(cfg.name, cfg.drop_path_rate, download=cfg.download)
     else:
         model = build_vit(cfg.name, cfg.pyramid_channels, cfg.drop_path_rate, cfg.img_size, download=cfg.download)
     if cfg.weights is not None:
