@@ -215,10 +215,17 @@ class WeightsInfo:
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
-    """Tensors and metadata of a `.safetensors` file (metadata may be absent for converted files)."""
+    """Tensors and metadata of a `.safetensors` file (metadata may be absent for converted files).
+
+    An official `.pkl` / `.pth` checkpoint is converted on the fly (`select_model_weights`: of a
+    Guided Distillation checkpoint, its student, else its teacher); it has no metadata.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
+    if path.suffix.lower() != ".safetensors":
+        tensors, taken = select_model_weights(load_checkpoint_file(path), source=path)
+        return tensors, WeightsInfo(None, [], [], taken)
     tensors, meta = _read_safetensors(path)
     try:
         info = WeightsInfo(

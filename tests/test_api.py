@@ -129,7 +129,12 @@ def test_cli_predict_with_config_for_weights_without_an_embedded_one(weights, tm
     config.write_text(yaml.safe_dump(info.config))
     assert main(["predict", str(tmp_path / "one.png"), "--weights", str(bare), "--config", str(config),
                  "--out", str(tmp_path / "b")]) == 0
+    torch.save({"model": tensors}, tmp_path / "official.pth")  # an official checkpoint: converted on the fly
+    assert main(["predict", str(tmp_path / "one.png"), "--weights", str(tmp_path / "official.pth"), "--config",
+                 str(config), "--out", str(tmp_path / "d")]) == 0
     predict_to_dir([tmp_path / "one.png"], weights, tmp_path / "c", device="cpu")
-    embedded, bare_results = (json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("c", "b"))
+    embedded = json.loads((tmp_path / "c" / "predictions.json").read_text())
     without_ids = [{k: v for k, v in r.items() if k != "category_id"} for r in embedded]
-    assert [{k: v for k, v in r.items() if k != "category_id"} for r in bare_results] == without_ids  # same model
+    for other in ("b", "d"):  # the same model
+        results = json.loads((tmp_path / other / "predictions.json").read_text())
+        assert [{k: v for k, v in r.items() if k != "category_id"} for r in results] == without_ids

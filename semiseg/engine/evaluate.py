@@ -71,7 +71,8 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
                       device: str = "auto") -> dict[str, dict[str, Any]]:
     """`semiseg eval`: COCO AP of the chosen model(s) of a checkpoint; prints tables, writes JSON to `out`.
 
-    weights: a checkpoint folder (`.../checkpoints/best`) or a `.safetensors` file.
+    weights: a checkpoint folder (`.../checkpoints/best`), a `.safetensors` file or an official `.pkl`/`.pth`
+             (converted on the fly; give `config`).
     config:  a YAML config; default: the config embedded in the weights. `overrides` apply to it.
     ann/images: the COCO json and image folder; default: the config's `data.val_ann`/`val_images`.
     Returns {model name ("model", "student", "teacher"): metrics}.
