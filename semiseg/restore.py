@@ -12,7 +12,7 @@ from torch import nn
 from semiseg.config import Config, config_from_dict
 from semiseg.errors import CheckpointError, ConfigError
 from semiseg.models.build import build_model
-from semiseg.weights import WeightsInfo, load_weights_into, read_weights
+from semiseg.weights import WeightsInfo, describe_layout, load_weights_into, read_weights
 
 
 def load_trained_model(path: Path, cfg: Config | None, device: torch.device) -> tuple[nn.Module, Config, WeightsInfo]:
@@ -21,11 +21,14 @@ def load_trained_model(path: Path, cfg: Config | None, device: torch.device) -> 
     if cfg is None:
         if info.config is None:
             raise CheckpointError(f"{path}: has no embedded semiseg config (e.g. a converted official checkpoint); "
-                                  f"pass --config")
+                                  f"pass --config; it looks like {describe_layout(tensors)}")
         cfg = config_from_dict(info.config, source=f"{path} (embedded config)")
     num_classes = len(info.class_names) or cfg.model.num_classes
     if num_classes < 1:
         raise ConfigError(f"{path}: unknown number of classes: set model.num_classes in the config")
     model = build_model(cfg.model, num_classes, load_pretrained=False)
-    load_weights_into(model, tensors, path, strict=True)
+    try:
+        load_weights_into(model, tensors, path, strict=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the file looks like {describe_layout(tensors)}") from None
     return model.to(device).eval(), cfg, info

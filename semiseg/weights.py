@@ -383,6 +383,41 @@ def _swin_official_to_timm(weights: dict[str, torch.Tensor]) -> dict[str, torch.
     return renamed
 
 
+_SWIN_SIZES = {96: "swin_tiny", 128: "swin_base", 192: "swin_large"}  # embedding width -> variant (S: 18 blocks)
+_LAYOUT_CONFIGS = {  # (arch, backbone) -> the repository's config for that official model
+    ("mask2former", "resnet50"): "configs/coco_mask2former_r50.yaml",
+    ("mask2former", "swin_tiny"): "configs/coco_mask2former_swin_t.yaml",
+    ("mask2former", "swin_small"): "configs/coco_mask2former_swin_t.yaml with model.backbone.name=swin_small",
+    ("mask2former", "swin_base"): "configs/coco_mask2former_swin_t.yaml with model.backbone.name=swin_base",
+    ("mask2former", "swin_large"): "configs/coco_mask2former_swin_l.yaml",
+    ("maskdino", "resnet50"): "configs/coco_maskdino_r50.yaml",
+    ("maskdino", "swin_large"): "configs/coco_maskdino_swin_l.yaml",
+    ("mask2former", "gd_dinov2_base"): "configs/coco_gd_dinov2_base.yaml",
+    ("mask2former", "gd_dinov2_large"): "configs/coco_gd_dinov2_large.yaml",
+    ("mask2former", "gd_deit_base"): "configs/coco_gd_deit_base.yaml",
+}
+
+
+def describe_layout(weights: Mapping[str, torch.Tensor]) -> str:
+    """What a model's weights (semiseg/official names) look like, and the config to load them with, in words."""
+    arch = "maskdino" if "sem_seg_head.predictor.label_enc.weight" in weights else "mask2former"
+    backbone = "an unknown backbone"
+    if "backbone.model.patch_embed.proj.weight" in weights:  # Guided Distillation's ViT adapters
+        width, _, patch, _ = weights["backbone.model.patch_embed.proj.weight"].shape
+        backbone = {14: "gd_dinov2_large" if width == 1024 else "gd_dinov2_base", 16: "gd_deit_base"}.get(patch, backbone)
+    elif "backbone.patch_embed.proj.weight" in weights:
+        width = weights["backbone.patch_embed.proj.weight"].shape[0]
+        deep = any(k.startswith("backbone.layers.2.blocks.17.") for k in weights)
+        backbone = "swin_small" if width == 96 and deep else _SWIN_SIZES.get(width, "a Swin of width {width}")
+    elif any(k.startswith("backbone.res4.") for k in weights):
+        blocks = {k.split(".")[2] for k in weights if k.startswith("backbone.res4.")}
+        backbone = {6: "resnet50", 23: "resnet101"}.get(len(blocks), backbone)
+    queries = weights.get("sem_seg_head.predictor.query_feat.weight")
+    text = f"{arch} with backbone {backbone}" + (f", {queries.shape[0]} queries" if queries is not None else "")
+    config = _LAYOUT_CONFIGS.get((arch, backbone))
+    return text + (f" (the repository's {config})" if config else "")
+
+
 def convert_checkpoint(src: Path, dst: Path, which: str = "auto") -> Path:
     """Convert `src` (.pkl / .pth / .safetensors) into semiseg weights at `dst` (.safetensors); returns `dst`."""
     src, dst = Path(src), Path(dst)

@@ -124,8 +124,17 @@ def test_cli_predict_with_config_for_weights_without_an_embedded_one(weights, tm
     save_weights(bare, tensors, WeightsInfo(None, [], [], "model"))
     Image.fromarray(image(0)).save(tmp_path / "one.png")
     assert main(["predict", str(tmp_path / "one.png"), "--weights", str(bare), "--out", str(tmp_path / "a")]) == 2
-    assert "has no embedded semiseg config" in capsys.readouterr().err
+    assert "has no embedded semiseg config (e.g. a converted official checkpoint); pass --config; it looks like " \
+        "mask2former with backbone" in capsys.readouterr().err
     config = tmp_path / "model.yaml"
+    wrong = {**info.config, "model": {**info.config["model"], "mask2former": {**info.config["model"]["mask2former"],
+                                                                              "num_queries": 12}}}
+    config.write_text(yaml.safe_dump(wrong))
+    assert main(["predict", str(tmp_path / "one.png"), "--weights", str(bare), "--config", str(config),
+                 "--out", str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err
+    assert "does not fit the model" in error and "the file looks like mask2former with backbone" in error
+    assert "8 queries" in error and "\n" not in error.strip()
     config.write_text(yaml.safe_dump(info.config))
     assert main(["predict", str(tmp_path / "one.png"), "--weights", str(bare), "--config", str(config),
                  "--out", str(tmp_path / "b")]) == 0

@@ -12,7 +12,7 @@ import torch
 
 from semiseg.config import load_config
 from semiseg.models.build import build_model
-from semiseg.weights import select_model_weights
+from semiseg.weights import describe_layout, select_model_weights
 
 MANIFESTS = Path(__file__).resolve().parent / "goldens" / "official_manifests"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -52,3 +52,5 @@ def test_converted_official_layout_fits_the_model_exactly(manifest, which, confi
     weights, taken = select_model_weights(manifest_state(manifest), which, source=manifest)
     assert taken == ("model" if which == "auto" else which)
     assert {k: tuple(v.shape) for k, v in weights.items()} == model_shapes(config, overrides)
+    suggested = describe_layout(weights)  # what a failed load names as the config to use
+    assert f"configs/{config}" in suggested and all(o in suggested for o in overrides), suggested
