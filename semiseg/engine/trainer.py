@@ -34,9 +34,9 @@ from semiseg.engine.checkpoint import (capture_rng_state, load_training_state, r
 from semiseg.engine.distributed import (all_gather_object, all_ranks_true, collective, get_rank, get_world_size,
                                         is_main_process, reduce_dict, wrap_ddp)
 from semiseg.engine.optim import build_lr_scheduler, build_optimizer, clip_full_model_grad_norm, lr_factor
+from semiseg.engine.preemption import PreemptionFlag, TrainingPreempted, catch_preemption
 from semiseg.engine.run_dir import RunDir
 from semiseg.engine.stream import BatchStream
-from semiseg.engine.preemption import PreemptionFlag, TrainingPreempted, catch_preemption
 from semiseg.errors import TrainingError
 from semiseg.evaluation import format_metrics
 from semiseg.structures import Batch
@@ -200,6 +200,7 @@ class Trainer:
             self._train_loop(flag, bar)
 
     def _train_loop(self, flag: PreemptionFlag, bar: tqdm) -> None:
+        """The iterations, with logging, evaluation and checkpoints; stops with a checkpoint when `flag` rises."""
         solver, train_cfg = self.cfg.solver, self.cfg.train
         window: dict[str, list[float]] = defaultdict(list)
         window_start, self.data_time = time.perf_counter(), 0.0
