@@ -35,6 +35,8 @@ VARIANTS = {
     # unlabeled images: queries no pseudo-label matched are pushed less towards "no object", so the
     # objects a sparse teacher misses (dense scenes) are not taught as background
     "unmatched_0.25": ["semi.unmatched_weight=0.25"],
+    # unlabeled images: the pseudo-labels' classes are wrong about half the time where their masks are right
+    "unsup_class_0.25": ["semi.unsup_class_weight=0.25"],
 }
 
 

@@ -8,6 +8,7 @@
       ema_decay: 0.9996
       unsup_loss_weight: 2.0         # L = L_sup + 2.0 * L_unsup (0: labeled data only, a control)
       unmatched_weight: 1.0          # unlabeled images: scale of the class loss of queries no pseudo-label matched
+      unsup_class_weight: 1.0        # unlabeled images: scale of all classification terms (loss_ce*)
       labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
       eval_who: student              # student | teacher | both
       pseudo_labels: {min_area: 5.0, mask_threshold: 0.5, box_source: mask}  # score_threshold, nms_iou: by model
@@ -85,6 +86,7 @@ class SemiConfig:
     labeled_sampler: Literal["repeat_factor", "uniform"] = "repeat_factor"
     eval_who: Literal["student", "teacher", "both"] = "student"
     unmatched_weight: float = 1.0
+    unsup_class_weight: float = 1.0
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
     def __post_init__(self) -> None:
@@ -96,3 +98,5 @@ class SemiConfig:
             raise ConfigError(f"unsup_loss_weight={self.unsup_loss_weight}: expected >= 0")
         if self.unmatched_weight < 0:
             raise ConfigError(f"unmatched_weight={self.unmatched_weight}: expected >= 0")
+        if self.unsup_class_weight < 0:
+            raise ConfigError(f"unsup_class_weight={self.unsup_class_weight}: expected >= 0")

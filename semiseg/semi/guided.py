@@ -42,6 +42,7 @@ from semiseg.weights import WeightsInfo, load_weights_into, read_model_weights
 logger = logging.getLogger("semiseg.train")
 
 UNSUP_SUFFIX = "_unsup"
+CLASS_LOSS_PREFIX = "loss_ce"  # the classification terms of both meta-architectures (`semi.unsup_class_weight`)
 
 
 def init_teacher_and_student(cfg: Config, teacher: nn.Module, student: nn.Module) -> None:
@@ -140,7 +141,8 @@ class GuidedDistillationTrainer(Trainer):
                                      self.cfg.semi.pseudo_labels.score_weighted_loss)
         for name, value in self.model.loss(outputs, pseudo_labels,
                                            unmatched_weight=self.cfg.semi.unmatched_weight).items():
-            losses[name + UNSUP_SUFFIX] = value * weight
+            factor = self.cfg.semi.unsup_class_weight if name.startswith(CLASS_LOSS_PREFIX) else 1.0
+            losses[name + UNSUP_SUFFIX] = value * (weight * factor)
         return losses
 
     # ----------------------------------------------------------------- models and state
