@@ -54,6 +54,8 @@ def test_quick_benchmark_on_a_coco_dataset_given_with_ann(tmp_path):
     with benchmark_script("semi_supervised") as bench:
         table = bench.main(args)
         assert bench.main(args) == table  # finished runs are reused
+        with benchmark_script("stage2_variants") as variants:  # the oracle: the same stage 2 with every label
+            oracle = variants.main([str(out), "--variants", "oracle", "--device", "cpu"])
     summary = json.loads((out / "summary.json").read_text())
     (row,) = summary["rows"]
     assert row["percent"] == 10 and all(0.0 <= row[k] <= 100.0 for k in ("teacher", "student", "control", "full"))
@@ -61,7 +63,5 @@ def test_quick_benchmark_on_a_coco_dataset_given_with_ann(tmp_path):
     assert (out / "full_s0" / "checkpoints" / "last").is_dir()  # the seed's 100 % reference
     assert not (out / "p10_s0" / "data").exists()  # the given dataset is used, not a built-in one
     assert table.splitlines()[2].startswith("| 10 % | 1 |")
-    with benchmark_script("stage2_variants") as variants:  # the oracle: the same stage 2 with every label
-        oracle = variants.main([str(out), "--variants", "oracle", "--device", "cpu"])
     assert oracle.splitlines()[2].startswith("| oracle | 1 |")
     assert '"eval"' in (out / "p10_s0" / "variants" / "oracle" / "metrics.jsonl").read_text()
