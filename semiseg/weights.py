@@ -408,7 +408,7 @@ def describe_layout(weights: Mapping[str, torch.Tensor]) -> str:
     elif "backbone.patch_embed.proj.weight" in weights:
         width = weights["backbone.patch_embed.proj.weight"].shape[0]
         deep = any(k.startswith("backbone.layers.2.blocks.17.") for k in weights)
-        backbone = "swin_small" if width == 96 and deep else _SWIN_SIZES.get(width, "a Swin of width {width}")
+        backbone = "swin_small" if width == 96 and deep else _SWIN_SIZES.get(width, f"a Swin of width {width}")
     elif any(k.startswith("backbone.res4.") for k in weights):
         blocks = {k.split(".")[2] for k in weights if k.startswith("backbone.res4.")}
         backbone = {6: "resnet50", 23: "resnet101"}.get(len(blocks), backbone)

@@ -1,5 +1,4 @@
 import itertools
-import warnings
 from pathlib import Path
 
 import numpy as np
