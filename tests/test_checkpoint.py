@@ -206,3 +206,18 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(t
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last"]  # no temporary folder left
     resumed = toy_trainer(toy_config(tmp_path / "run", "solver.max_iter=4"), resume=True)
     assert resumed.iteration == 2
+
+
+def test_cli_exits_with_the_preemption_status_and_one_line(monkeypatch, capsys):
+    import semiseg.workflow
+    from semiseg.cli import main
+    from semiseg.engine.preemption import PREEMPTED_EXIT_STATUS
+
+    def preempted(*args, **kwargs):
+        raise TrainingPreempted("stopped by SIGTERM at iteration 7; checkpoint saved in run/checkpoints/last: "
+                                "continue with --resume (or train.resume=auto)")
+
+    monkeypatch.setattr(semiseg.workflow, "train", preempted)
+    assert main(["train", "--config", "whatever.yaml"]) == PREEMPTED_EXIT_STATUS == 75
+    assert capsys.readouterr().err == ("semiseg: stopped by SIGTERM at iteration 7; checkpoint saved in "
+                                       "run/checkpoints/last: continue with --resume (or train.resume=auto)\n")
