@@ -77,13 +77,12 @@ def image_path(image_root: Path, file_name: str, source: Path, allow_outside_roo
     path), so a dataset file cannot make semiseg read any file the user can read, unless
     `allow_outside_root` (layouts with absolute paths). The test is on the path as written:
     symbolic links inside `image_root` are followed as usual."""
-    path = Path(image_root) / file_name
     if not allow_outside_root:
-        root = os.path.normpath(os.path.abspath(image_root))
-        if os.path.commonpath([root, os.path.normpath(os.path.abspath(path))]) != root:
+        relative = os.path.normpath(file_name)  # leaves the root iff absolute or starting with ".."
+        if os.path.isabs(relative) or relative == os.pardir or relative.startswith(os.pardir + os.sep):
             raise DataError(f"{source}: image file_name {file_name!r} leads outside the image folder {image_root} "
                             f"(set data.allow_outside_root: true if your layout needs that)")
-    return path
+    return Path(image_root) / file_name
 
 
 def drop_missing_images(records: list[ImageRecord], source: Path, strict: bool) -> list[ImageRecord]:
