@@ -30,6 +30,8 @@ VARIANTS = {
     "ema_0.995": ["semi.ema_decay=0.995"],
     "lr_1e-3": ["solver.lr=1e-3"],  # the teacher's rate instead of 3e-4
     "burn_in_150": ["semi.burn_in_iter=150"],
+    # three times the demo's stage 2 (the 100 % reference keeps its teacher + student iterations)
+    "long_3x": ["solver.max_iter=1800", "solver.steps=[1440]", "train.eval_period=1800"],
     "unsup_1": ["semi.unsup_loss_weight=1.0"],
     "unsup_4": ["semi.unsup_loss_weight=4.0"],
     # unlabeled images: queries no pseudo-label matched are pushed less towards "no object", so the
