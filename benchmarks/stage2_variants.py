@@ -39,6 +39,8 @@ VARIANTS = {
     "unmatched_0.25": ["semi.unmatched_weight=0.25"],
     # unlabeled images: the pseudo-labels' classes are wrong about half the time where their masks are right
     "unsup_class_0.25": ["semi.unsup_class_weight=0.25"],
+    # the teacher's class probabilities as targets instead of its top class
+    "soft_classes": ["semi.pseudo_labels.class_targets=soft"],
     # an upper bound of the stage-2 budget: the same schedule with the ground truth of every image (see run_variant)
     "oracle": [],
 }

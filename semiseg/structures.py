@@ -40,12 +40,16 @@ class Instances:
     masks:  [N, H, W] bool
     boxes:  [N, 4] float xyxy in pixels of the same canvas
     scores: [N] float, or None for ground truth / hard pseudo-labels
+    class_probs: [N, K] float, a teacher's class probabilities (soft pseudo-labels), or None: the
+                 criteria then use one-hot `labels` (Mask2Former normalises the rows to sum 1; Mask DINO's
+                 focal loss takes them as they are)
     """
 
     labels: torch.Tensor
     masks: torch.Tensor
     boxes: torch.Tensor
     scores: torch.Tensor | None = None
+    class_probs: torch.Tensor | None = None
 
     @classmethod
     def from_masks(cls, labels: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor | None = None) -> "Instances":
@@ -64,11 +68,13 @@ class Instances:
 
     def __getitem__(self, keep: torch.Tensor | slice) -> "Instances":
         return Instances(self.labels[keep], self.masks[keep], self.boxes[keep],
-                         None if self.scores is None else self.scores[keep])
+                         None if self.scores is None else self.scores[keep],
+                         None if self.class_probs is None else self.class_probs[keep])
 
     def to(self, device: torch.device | str) -> "Instances":
         return Instances(self.labels.to(device), self.masks.to(device), self.boxes.to(device),
-                         None if self.scores is None else self.scores.to(device))
+                         None if self.scores is None else self.scores.to(device),
+                         None if self.class_probs is None else self.class_probs.to(device))
 
 
 @dataclass
@@ -102,7 +108,7 @@ class Batch:
             images=self.images.pin_memory(),
             strong=None if self.strong is None else self.strong.pin_memory(),
             targets=None if self.targets is None else [
-                Instances(t.labels.pin_memory(), t.masks.pin_memory(), t.boxes.pin_memory(), t.scores)
+                replace(t, labels=t.labels.pin_memory(), masks=t.masks.pin_memory(), boxes=t.boxes.pin_memory())
                 for t in self.targets],
         )
 

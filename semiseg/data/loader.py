@@ -8,6 +8,7 @@ batches.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 import random
 from typing import Sequence
 
@@ -32,7 +33,7 @@ def _pad_instances(instances: Instances, height: int, width: int) -> Instances:
     """Masks zero-padded at the bottom/right to [N, height, width]; boxes are unchanged."""
     masks = instances.masks.new_zeros(len(instances), height, width)
     masks[:, :instances.masks.shape[-2], :instances.masks.shape[-1]] = instances.masks
-    return Instances(instances.labels, masks, instances.boxes, instances.scores)
+    return replace(instances, masks=masks)
 
 
 def collate(samples: Sequence[Sample], size_divisibility: int = 32) -> Batch:

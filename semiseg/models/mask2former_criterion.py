@@ -35,6 +35,13 @@ def dice_loss(logits: torch.Tensor, labels: torch.Tensor, num_masks: float) -> t
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
 
 
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """logits, targets [B, Q, C] (rows of `targets` sum to 1), class_weights [C] -> the class-weighted mean
+    of -sum_c w_c t_c log p_c, normalised by sum w_c t_c: `F.cross_entropy`'s weighted mean for one-hot rows."""
+    weighted = targets * class_weights
+    return -(weighted * logits.log_softmax(-1)).sum() / weighted.sum()
+
+
 def average_num_masks(targets: Sequence[Instances], device: torch.device) -> float:
     """Targets per rank: the batch total, averaged over ranks when torch.distributed runs, at least 1."""
     num = torch.tensor([float(sum(len(t) for t in targets))], device=device)
@@ -71,6 +78,8 @@ class SetCriterion(nn.Module):
         """pred_logits [B, Q, K+1] -> weighted cross-entropy over all queries.
 
         unmatched_weight: multiplies the "no object" class weight (the unmatched queries' target).
+        Targets with `class_probs` (soft pseudo-labels) give their matched queries those probabilities,
+        normalised over the K classes, instead of a one-hot row.
         """
         b, q, _ = pred_logits.shape
         device = pred_logits.device
@@ -80,7 +89,14 @@ class SetCriterion(nn.Module):
         class_weights = self.empty_weight
         if unmatched_weight != 1.0:
             class_weights = torch.cat([class_weights[:-1], class_weights[-1:] * unmatched_weight])
-        return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weights)
+        if all(t.class_probs is None for t in targets):
+            return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weights)
+        soft = F.one_hot(target_classes, self.num_classes + 1).float()  # [B, Q, K+1]
+        for i, (target, (src, tgt)) in enumerate(zip(targets, indices)):
+            if target.class_probs is not None:
+                probs = target.class_probs.to(device).float()[tgt.to(device)]
+                soft[i, src.to(device), :-1] = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
+        return soft_cross_entropy(pred_logits.float(), soft, class_weights)
 
     def loss_masks(self, pred_masks: torch.Tensor, targets: Sequence[Instances],
                    indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float,

@@ -86,15 +86,22 @@ class MaskDINOCriterion(SetCriterion):
     def loss_focal(self, pred_logits: torch.Tensor, targets: Sequence[Instances], indices: Indices,
                    num_masks: float, unmatched_weight: float = 1.0) -> torch.Tensor:
         """pred_logits [B, N, K] -> focal loss against one-hot rows of the matched labels
-        (the all-zero rows of unmatched queries scaled by `unmatched_weight`)."""
-        onehot = torch.zeros_like(pred_logits, dtype=torch.float32)
+        (the all-zero rows of unmatched queries scaled by `unmatched_weight`). Targets with
+        `class_probs` (soft pseudo-labels) give their matched queries those probabilities as row."""
+        device = pred_logits.device
+        rows = torch.zeros_like(pred_logits, dtype=torch.float32)
+        matched = torch.zeros(pred_logits.shape[:2], device=device)  # [B, N]: 1 for matched queries
         for b, (target, (src, tgt)) in enumerate(zip(targets, indices)):
-            onehot[b, src.to(onehot.device), target.labels.to(onehot.device)[tgt.to(onehot.device)]] = 1.0
+            src, tgt = src.to(device), tgt.to(device)
+            if target.class_probs is None:
+                rows[b, src, target.labels.to(device)[tgt]] = 1.0
+            else:
+                rows[b, src] = target.class_probs.to(device).float()[tgt]
+            matched[b, src] = 1.0
         row_weights = None
         if unmatched_weight != 1.0:
-            matched = onehot.amax(-1)  # [B, N]: 1 for matched queries
             row_weights = matched + unmatched_weight * (1 - matched)
-        return sigmoid_focal_loss(pred_logits.float(), onehot, num_masks, self.focal_alpha, self.focal_gamma,
+        return sigmoid_focal_loss(pred_logits.float(), rows, num_masks, self.focal_alpha, self.focal_gamma,
                                   row_weights)
 
     @staticmethod

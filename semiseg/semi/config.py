@@ -44,6 +44,8 @@ class PseudoLabelConfig:
     nms_iou:             drop a pseudo-instance whose mask IoU with a more confident one exceeds this
                          (class-agnostic, greedy); 1.0 = off; default (None): the model's
                          `pseudo_label_defaults` (off for Mask2Former, the reference; 0.5 for Mask DINO)
+    class_targets:       hard: the student learns the teacher's top class (the reference); soft: its
+                         class probabilities (Mask2Former: normalised over the K classes)
     """
 
     score_threshold: float | None = None
@@ -53,6 +55,7 @@ class PseudoLabelConfig:
     score_weighted_loss: bool = False
     box_source: Literal["mask", "head"] = "mask"
     nms_iou: float | None = None
+    class_targets: Literal["hard", "soft"] = "hard"
 
     def __post_init__(self) -> None:
         self.class_thresholds = tuple(self.class_thresholds)
@@ -70,7 +73,8 @@ class PseudoLabelConfig:
             score_threshold=defaults.score_threshold if self.score_threshold is None else self.score_threshold,
             min_area=self.min_area, mask_threshold=self.mask_threshold,
             class_thresholds=self.class_thresholds or None, box_source=self.box_source,
-            nms_iou=defaults.nms_iou if self.nms_iou is None else self.nms_iou)
+            nms_iou=defaults.nms_iou if self.nms_iou is None else self.nms_iou,
+            soft_classes=self.class_targets == "soft")
 
 
 @dataclass

@@ -37,7 +37,8 @@ class ThresholdFilter:
     With `nms_iou` < 1, greedy class-agnostic mask-IoU NMS in order of confidence then drops a
     kept query whose mask overlaps a more confident kept one by IoU > `nms_iou` (for sigmoid-score
     models such as Mask DINO, whose duplicates no "no object" class suppresses). `scores` carries
-    the confidence, so a loss may weight pseudo-instances by it.
+    the confidence, so a loss may weight pseudo-instances by it. With `soft_classes`, `class_probs`
+    carries the teacher's class probabilities [N, K], which the criteria then use as soft targets.
 
     Deviation from the reference: mask pixels in the padding (outside `image_sizes`) are cleared
     before the area test, so a pseudo-mask never claims padding.
@@ -50,6 +51,7 @@ class ThresholdFilter:
     mask_stride: int = 4
     box_source: Literal["mask", "head"] = "mask"
     nms_iou: float = 1.0
+    soft_classes: bool = False
 
     def __call__(self, candidates: PseudoLabelCandidates,
                  image_sizes: Sequence[tuple[int, int]]) -> list[Instances]:
@@ -73,6 +75,8 @@ class ThresholdFilter:
                 survivors = mask_nms(masks, confidence[b, idx], self.nms_iou)
                 idx, masks = idx[survivors], masks[survivors]
             instances = Instances.from_masks(labels[b, idx], masks, scores=confidence[b, idx])
+            if self.soft_classes:
+                instances = replace(instances, class_probs=probs[b, idx])
             if self.box_source == "head":
                 boxes = self._clipped_head_boxes(candidates.boxes[b, idx].float(), image_sizes[b])
                 instances = replace(instances, boxes=boxes)
