@@ -137,7 +137,9 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(b, q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (w, h)
-            normalizer = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            # from scalar tensors, not torch.tensor(list): an export keeps the level sizes symbolic
+            normalizer = torch.stack([torch.stack([torch.scalar_tensor(w), torch.scalar_tensor(h)])
+                                      for h, w in spatial_shapes]).to(query)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]

@@ -159,7 +159,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(multi_scale_features)}")
         src, pos, sizes = [], [], []
         for i, x in enumerate(multi_scale_features):
-            sizes.append((int(x.shape[-2]), int(x.shape[-1])))
+            sizes.append((x.shape[-2], x.shape[-1]))  # no int(): an export keeps them symbolic
             pe = sine_position_encoding(x.shape[0], x.shape[2], x.shape[3], self.hidden_dim // 2, device=x.device)
             pos.append(pe.flatten(2).permute(2, 0, 1))  # [HW, B, C]
             src.append((self.input_proj[i](x).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))

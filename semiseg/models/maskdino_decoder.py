@@ -234,7 +234,7 @@ class MaskDINODecoder(nn.Module):
         tokens, shapes = [], []
         for level in reversed(range(self.num_feature_levels)):
             x = self.input_proj[level](multi_scale_features[level])
-            shapes.append((int(x.shape[2]), int(x.shape[3])))
+            shapes.append((x.shape[2], x.shape[3]))  # no int(): an export keeps them symbolic
             tokens.append(x.flatten(2).transpose(1, 2))
         return torch.cat(tokens, 1), shapes
 

@@ -56,9 +56,10 @@ def encoder_reference_points(spatial_shapes: Sequence[tuple[int, int]], valid_ra
     """
     points = []
     for level, (h, w) in enumerate(spatial_shapes):
+        # arange + 0.5 equals linspace(0.5, n - 0.5, n) exactly, and keeps n symbolic in an ONNX export
         ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+            torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
             indexing="ij",
         )
         ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
@@ -137,7 +138,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
 
     def forward(self, srcs: Sequence[torch.Tensor], pos_embeds: Sequence[torch.Tensor],
                 padding_masks: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        spatial_shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]
+        spatial_shapes = [(s.shape[2], s.shape[3]) for s in srcs]  # no int(): an export keeps them symbolic
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1)
                               for i, p in enumerate(pos_embeds)], 1)
