@@ -5,13 +5,15 @@
     result = model.predict("image.jpg")   # Instances: masks [N, H, W], boxes [N, 4], labels, scores
     names = [model.class_names[i] for i in result.labels]
 
-`predict_to_dir` is `semiseg predict`: overlays and a COCO-results json for files and folders.
+`predict_to_dir` is `semiseg predict`: overlays and a COCO-results json for files and folders;
+`export_weights` is `semiseg export` (ONNX), and `load(..., backend="onnxruntime", onnx=FILE)` runs
+the exported network with onnxruntime instead of PyTorch (same post-processing, same results).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,13 +28,15 @@ from semiseg.data.masks import encode_rle
 from semiseg.data.unlabeled import image_files
 from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import select_device
-from semiseg.errors import DataError
+from semiseg.errors import ConfigError, DataError
+from semiseg.export import OnnxRuntimeForward, export_onnx
 from semiseg.restore import load_trained_model
 from semiseg.structures import Instances
 from semiseg.visualize import save_overlay
 from semiseg.weights import atomic_write
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+BACKENDS = ("pytorch", "onnxruntime")
 
 
 class Predictor:
@@ -40,11 +44,13 @@ class Predictor:
 
     predict(image) -> Instances at the image's original size: labels [N], masks [N, H, W] bool,
     boxes [N, 4] xyxy pixels, scores [N] (all kept; filter by score as needed), on the CPU.
+    forward: what computes the network's outputs, `model` itself or an `OnnxRuntimeForward`.
     """
 
     def __init__(self, model: torch.nn.Module, cfg, class_names: list[str], category_ids: list[int],
-                 device: torch.device):
+                 device: torch.device, forward: Callable[..., dict] | None = None):
         self.model, self.cfg, self.device = model, cfg, device
+        self.forward = forward or model
         self.class_names, self.category_ids = list(class_names), list(category_ids)
         self.transform = cfg.data.augmentation.test_transform()
 
@@ -60,7 +66,7 @@ class Predictor:
         tensor = torch.tensor(array).permute(2, 0, 1).contiguous()
         resized = self.transform.image_only(tensor, np.random.default_rng(0))
         batch = collate([Sample(resized, 0, tuple(array.shape[:2]))], self.cfg.model.head.size_divisibility)
-        outputs = self.model(batch.images.to(self.device), batch.image_sizes)
+        outputs = self.forward(batch.images.to(self.device), batch.image_sizes)
         return self.model.predict(outputs, batch.image_sizes, batch.orig_sizes)[0].to("cpu")
 
 
@@ -77,18 +83,37 @@ def as_rgb_array(image: ImageInput) -> np.ndarray:
     raise DataError(f"cannot read an image from {type(image).__name__} (expected a path, PIL image or array)")
 
 
-def load(weights: Path | str, device: str | None = None, config: Path | str | None = None) -> Predictor:
+def load(weights: Path | str, device: str | None = None, config: Path | str | None = None,
+         backend: str = "pytorch", onnx: Path | str | None = None) -> Predictor:
     """A `Predictor` from a weights file or checkpoint folder (its student / single model).
 
     The model is rebuilt from the config embedded in the weights; `config` (a YAML file) is only
     needed for weights without one (e.g. converted official checkpoints).
+    backend: "pytorch", or "onnxruntime" with `onnx` = the file `semiseg export` wrote from these
+    weights (checked; CPU only).
     """
-    torch_device = select_device(device or "auto")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if (backend == "onnxruntime") != (onnx is not None):
+        raise ConfigError("the onnxruntime backend needs the exported file (--onnx FILE), and --onnx needs "
+                          "--backend onnxruntime")
+    torch_device = select_device("cpu" if backend == "onnxruntime" else device or "auto")
     path = weights_file(Path(weights), "student")
     cfg = load_config(config) if config is not None else None
     model, cfg, info = load_trained_model(path, cfg, torch_device)
     class_names = info.class_names or [f"class {i}" for i in range(cfg.model.num_classes)]
-    return Predictor(model, cfg, class_names, info.category_ids, torch_device)
+    forward = OnnxRuntimeForward(model, cfg.model, Path(onnx)) if onnx is not None else None
+    return Predictor(model, cfg, class_names, info.category_ids, torch_device, forward)
+
+
+def export_weights(weights: Path | str, out: Path | str, config: Path | str | None = None) -> Path:
+    """`semiseg export`: the network of a weights file (or checkpoint folder) as ONNX in `out` (see
+    `semiseg.export`); `out` must not exist."""
+    predictor = load(weights, device="cpu", config=config)
+    path = export_onnx(predictor.model, predictor.cfg.model, Path(out))
+    print(f"semiseg: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); run it with "
+          f"`semiseg predict IMAGES --weights {weights} --backend onnxruntime --onnx {path}`")
+    return path
 
 
 def expand_image_paths(inputs: Sequence[Path | str]) -> list[Path]:
@@ -108,10 +133,11 @@ def expand_image_paths(inputs: Sequence[Path | str]) -> list[Path]:
 
 
 def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: Path | str,
-                   score_threshold: float = 0.5, device: str | None = None, config: Path | str | None = None) -> Path:
+                   score_threshold: float = 0.5, device: str | None = None, config: Path | str | None = None,
+                   backend: str = "pytorch", onnx: Path | str | None = None) -> Path:
     """`semiseg predict`: an overlay PNG per image and `predictions.json` (COCO results) in `out_dir`.
 
-    config: the model's YAML config, for weights that embed none (as `load`).
+    config: the model's YAML config, for weights that embed none (as `load`); backend, onnx: as `load`.
     The json keeps every prediction with its `file_name` (the threshold only affects the overlays)
     and dataset category ids. An existing `predictions.json` is never overwritten (DataError).
     """
@@ -120,7 +146,7 @@ def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: P
     if results_path.exists():
         raise DataError(f"{results_path} already exists: choose another --out or remove it")
     paths = expand_image_paths(images)
-    predictor = load(weights, device, config)
+    predictor = load(weights, device, config, backend, onnx)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, used = [], set()
     for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", dynamic_ncols=True), start=1):

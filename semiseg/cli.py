@@ -46,7 +46,13 @@ def _predict(args: argparse.Namespace) -> None:
     from semiseg.api import predict_to_dir
 
     predict_to_dir(args.images, weights=args.weights, out_dir=args.out, score_threshold=args.score_threshold,
-                   device=args.device, config=args.config)
+                   device=args.device, config=args.config, backend=args.backend, onnx=args.onnx)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from semiseg.api import export_weights
+
+    export_weights(args.weights, args.out, config=args.config)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -120,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's config, for weights without an embedded one (converted official checkpoints)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="overlay threshold (json keeps all)")
     p.add_argument("--device", default=None)
+    p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                   help="onnxruntime: run the file of `semiseg export` given with --onnx (CPU)")
+    p.add_argument("--onnx", type=Path, default=None, help="the exported model, for --backend onnxruntime")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="the network of trained weights as ONNX (opset 18, dynamic batch and size)")
+    p.add_argument("--weights", type=Path, required=True, help="weights file or checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write (must not exist)")
+    p.add_argument("--config", type=Path, default=None, help="the model's config, for weights without one")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("convert", help="official Mask2Former / Mask DINO / Guided Distillation checkpoint -> semiseg")
     p.add_argument("src", type=Path, help=".pkl (detectron2) or .pth checkpoint")
