@@ -18,7 +18,14 @@ Times are medians over `--repeats` after `--warmup` runs; the implementations al
 (A B, B A, A B, ...) so that machine load affects both alike. Ratios are semiseg / transformers
 (< 1: semiseg is faster or smaller).
 
+`--extra compiled,onnxruntime` adds, timed in the same interleaved loop, semiseg under
+`torch.compile` (train step and inference; compilation happens in the warm-up) and the ONNX export
+of semiseg's network run by onnxruntime (inference only: normalisation + `session.run`, the same
+raw outputs, checked against eager before timing; `semiseg.export`). Memory is measured for the
+eager implementations only.
+
     python benchmarks/mask2former_vs_transformers.py --rows tiny,r50 --repeats 5 --out results.md
+    python benchmarks/mask2former_vs_transformers.py --rows tiny,r50 --extra compiled,onnxruntime --no-memory
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -46,6 +54,7 @@ from semiseg.models.mask2former import Mask2Former, Mask2FormerConfig
 from semiseg.structures import Instances
 
 IMPLEMENTATIONS = ("semiseg", "transformers")
+EXTRAS = ("compiled", "onnxruntime")
 MODES = ("train", "inference")
 INSTANCES_PER_IMAGE = 3
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -278,10 +287,11 @@ def make_step(impl: str, mode: str, model: nn.Module, batch: BenchBatch, amp: bo
     """A no-argument callable running one train step or one inference forward of `impl`.
 
     Sets the model's train/eval mode; a train step owns its AdamW optimizer (lr 1e-4, wd 0.05).
+    impl "semiseg compiled": `model` is semiseg's model under torch.compile.
     """
     device = batch.images.device
     model.train(mode == "train")
-    if impl == "semiseg":
+    if impl.startswith("semiseg"):
         def forward():
             return model(batch.images, batch.image_sizes)
 
@@ -314,6 +324,34 @@ def make_step(impl: str, mode: str, model: nn.Module, batch: BenchBatch, amp: bo
             total = loss()
         total.backward()
         optimizer.step()
+    return step
+
+
+def make_onnxruntime_step(model: Mask2Former, batch: BenchBatch, threads: int, folder: str) -> Callable[[], None]:
+    """Inference of `model`'s ONNX export with onnxruntime on `threads` threads (checked against eager)."""
+    import onnxruntime
+
+    from semiseg.export import INPUT_NAME, NetworkOnly
+
+    model = model.cpu().eval()
+    path = os.path.join(folder, "model.onnx")
+    example = model.normalize(batch.images.cpu(), batch.image_sizes)
+    with torch.no_grad():
+        torch.onnx.export(NetworkOnly(model, "mask2former").eval(), (example,), path, dynamo=True, opset_version=18,
+                          verbose=False, input_names=[INPUT_NAME])
+        expected = model(batch.images.cpu(), batch.image_sizes)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def step():
+        session.run(None, {INPUT_NAME: model.normalize(batch.images, batch.image_sizes).numpy()})
+
+    logits, masks = session.run(None, {INPUT_NAME: example.numpy()})[:2]
+    difference = max((torch.from_numpy(logits) - expected["pred_logits"]).abs().max().item(),
+                     (torch.from_numpy(masks) - expected["pred_masks"]).abs().max().item())
+    if difference > 1e-3:
+        raise SystemExit(f"onnxruntime and eager semiseg differ by {difference:.1e}; the timing would be meaningless")
     return step
 
 
@@ -469,9 +507,12 @@ def format_report(results: list[dict], args: argparse.Namespace, device: torch.d
                         "peak increase during one step, fresh process per cell "
                         + ("(CUDA max allocated)" if device.type == "cuda" else "(CPU peak RSS)")),
         "",
-        "| row | configuration | metric | semiseg | transformers | semiseg / transformers |",
-        "|---|---|---|---:|---:|---:|",
     ]
+    extras = [f"semiseg {e}" for e in EXTRAS if e in args.extra]
+    ours_columns = ["semiseg", *extras]
+    lines += ["| row | configuration | metric | transformers | " + " | ".join(ours_columns) + " | "
+              + " | ".join(f"{c} / transformers" for c in ours_columns) + " |",
+              "|---|---|---|" + "---:|" * (1 + 2 * len(ours_columns))]
     for result in results:
         row = result["row"]
         cells = [("train step", result["time"]["train"], _seconds),
@@ -481,8 +522,11 @@ def format_report(results: list[dict], args: argparse.Namespace, device: torch.d
                       ("inference peak memory", result["memory"]["inference"], _mib)]
         for i, (metric, values, fmt) in enumerate(cells):
             first = (f"{row.name}", row.describe()) if i == 0 else ("", "")
-            ours, theirs = values["semiseg"], values["transformers"]
-            lines.append(f"| {first[0]} | {first[1]} | {metric} | {fmt(ours)} | {fmt(theirs)} | {_ratio(ours, theirs)} |")
+            theirs = values["transformers"]
+            ours = [values.get(c) for c in ours_columns]
+            lines.append(f"| {first[0]} | {first[1]} | {metric} | {fmt(theirs)} | "
+                         + " | ".join(fmt(v) if v is not None else "–" for v in ours) + " | "
+                         + " | ".join(_ratio(v, theirs) if v is not None else "–" for v in ours) + " |")
     lines += ["", "Same function check (eval forward before timing, fp32): max |semiseg − transformers|",
               "", "| row | class logits | mask logits | max \\|mask logit\\| |", "|---|---:|---:|---:|"]
     for result in results:
@@ -502,13 +546,21 @@ def benchmark_row(row: Row, args: argparse.Namespace, device: torch.device, thre
         raise SystemExit(f"row {row.name}: semiseg and transformers compute different outputs {difference}; "
                          "the comparison would be meaningless")
     result = {"row": row, "difference": difference, "time": {}, "memory": {}}
-    for mode in MODES:
-        steps = {impl: make_step(impl, mode, model, batch, row.amp)
-                 for impl, model in zip(IMPLEMENTATIONS, (ours, theirs))}
-        result["time"][mode] = interleaved_medians(steps, args.repeats, args.warmup, device)
-        print(f"[{row.name}] {mode}: " + ", ".join(f"{k} {_seconds(v)}" for k, v in result["time"][mode].items()),
-              file=sys.stderr, flush=True)
-    del ours, theirs
+    compiled = torch.compile(ours) if "compiled" in args.extra else None
+    with tempfile.TemporaryDirectory() as folder:
+        for mode in MODES:
+            steps = {impl: make_step(impl, mode, model, batch, row.amp)
+                     for impl, model in zip(IMPLEMENTATIONS, (ours, theirs))}
+            if compiled is not None:
+                steps["semiseg compiled"] = make_step("semiseg compiled", mode, compiled, batch, row.amp)
+            if "onnxruntime" in args.extra and mode == "inference":
+                if device.type != "cpu" or row.amp:
+                    raise SystemExit("--extra onnxruntime: CPU fp32 rows only")
+                steps["semiseg onnxruntime"] = make_onnxruntime_step(ours, batch, threads, folder)
+            result["time"][mode] = interleaved_medians(steps, args.repeats, args.warmup, device)
+            print(f"[{row.name}] {mode}: " + ", ".join(f"{k} {_seconds(v)}" for k, v in result["time"][mode].items()),
+                  file=sys.stderr, flush=True)
+    del ours, theirs, compiled
     if not args.no_memory:
         for mode in MODES:
             result["memory"][mode] = {impl: peak_step_memory_in_subprocess(impl, row, mode, device, threads)
@@ -530,10 +582,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, torch.device, list[
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--extra", default="", help=f"comma-separated extra semiseg variants: {', '.join(EXTRAS)}")
     parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # IMPL:ROW:MODE, used by the parent
     args = parser.parse_args(argv)
     args.argv = argv
+    args.extra = [e.strip() for e in args.extra.split(",") if e.strip()]
+    if set(args.extra) - set(EXTRAS):
+        parser.error(f"--extra: choose from {', '.join(EXTRAS)}")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:

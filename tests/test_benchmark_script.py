@@ -18,7 +18,8 @@ def bench():
 
 def test_tiny_row_report(bench, tmp_path):
     out = tmp_path / "report.md"
-    report = bench.main(["--rows", "tiny", "--repeats", "1", "--warmup", "0", "--no-memory", "--out", str(out)])
+    report = bench.main(["--rows", "tiny", "--repeats", "1", "--warmup", "0", "--no-memory", "--extra", "onnxruntime",
+                         "--out", str(out)])
     assert out.read_text() == report
     assert "torch " + torch.__version__ in report and "--rows tiny" in report
     metrics, difference = {}, None
@@ -26,15 +27,19 @@ def test_tiny_row_report(bench, tmp_path):
         if not (line.startswith("| tiny |") or line.startswith("|  |  |")):
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 6:  # row, configuration, metric, semiseg, transformers, ratio
+        if len(cells) == 8:  # row, configuration, metric, transformers, semiseg, semiseg onnxruntime, 2 ratios
             metrics[cells[2]] = cells[3:]
         else:  # the same-function table: row, class logits, mask logits, scale
             difference = [float(c) for c in cells[1:3]]
     assert set(metrics) == {"train step", "inference"} and difference is not None
-    for ours, theirs, ratio in metrics.values():
-        t_ours, t_theirs = (float(re.match(r"[\d.]+", v)[0]) * (1e-3 if v.endswith("ms") else 1) for v in (ours, theirs))
-        assert t_ours > 0 and t_theirs > 0
-        assert float(ratio) == pytest.approx(t_ours / t_theirs, rel=0.05, abs=0.01)
+    seconds = lambda v: float(re.match(r"[\d.]+", v)[0]) * (1e-3 if v.endswith("ms") else 1)  # noqa: E731
+    for metric, (theirs, ours, runtime, ratio, runtime_ratio) in metrics.items():
+        assert seconds(ours) > 0 and seconds(theirs) > 0
+        assert float(ratio) == pytest.approx(seconds(ours) / seconds(theirs), rel=0.05, abs=0.01)
+        if metric == "inference":  # onnxruntime runs inference only
+            assert float(runtime_ratio) == pytest.approx(seconds(runtime) / seconds(theirs), rel=0.05, abs=0.01)
+        else:
+            assert runtime == runtime_ratio == "–"
     assert max(difference) < 1e-4  # both implementations computed the same function
 
 
@@ -63,6 +68,7 @@ def test_peak_step_memory_is_measured(bench):
     (["--rows", "tiny,huge"], "unknown row"),
     (["--rows", "r50-b2-amp"], "need --device cuda"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--extra", "tensorrt"], "--extra: choose from"),
 ])
 def test_bad_flags_are_one_line_errors(bench, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
