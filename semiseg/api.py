@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from semiseg.config import load_config
+from semiseg.config import check_compile_backend, load_config
 from semiseg.data.datasets import Sample
 from semiseg.data.images import read_image
 from semiseg.data.loader import collate
@@ -50,7 +50,7 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, cfg, class_names: list[str], category_ids: list[int],
                  device: torch.device, forward: Callable[..., dict] | None = None):
         self.model, self.cfg, self.device = model, cfg, device
-        self.forward = forward or model
+        self.forward = forward if forward is not None else model
         self.class_names, self.category_ids = list(class_names), list(category_ids)
         self.transform = cfg.data.augmentation.test_transform()
 
@@ -84,14 +84,17 @@ def as_rgb_array(image: ImageInput) -> np.ndarray:
 
 
 def load(weights: Path | str, device: str | None = None, config: Path | str | None = None,
-         backend: str = "pytorch", onnx: Path | str | None = None) -> Predictor:
+         backend: str = "pytorch", onnx: Path | str | None = None, compile: str = "none") -> Predictor:
     """A `Predictor` from a weights file or checkpoint folder (its student / single model).
 
     The model is rebuilt from the config embedded in the weights; `config` (a YAML file) is only
     needed for weights without one (e.g. converted official checkpoints).
     backend: "pytorch", or "onnxruntime" with `onnx` = the file `semiseg export` wrote from these
     weights (checked; CPU only).
+    compile: "none" or a torch.compile backend for the PyTorch forward ("inductor": faster after a
+    compilation of about a minute on CPU; docs/benchmarks.md).
     """
+    check_compile_backend(compile, "compile")
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if (backend == "onnxruntime") != (onnx is not None):
@@ -103,6 +106,8 @@ def load(weights: Path | str, device: str | None = None, config: Path | str | No
     model, cfg, info = load_trained_model(path, cfg, torch_device)
     class_names = info.class_names or [f"class {i}" for i in range(cfg.model.num_classes)]
     forward = OnnxRuntimeForward(model, cfg.model, Path(onnx)) if onnx is not None else None
+    if compile != "none":
+        forward = torch.compile(model, backend=compile)
     return Predictor(model, cfg, class_names, info.category_ids, torch_device, forward)
 
 
@@ -134,10 +139,10 @@ def expand_image_paths(inputs: Sequence[Path | str]) -> list[Path]:
 
 def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: Path | str,
                    score_threshold: float = 0.5, device: str | None = None, config: Path | str | None = None,
-                   backend: str = "pytorch", onnx: Path | str | None = None) -> Path:
+                   backend: str = "pytorch", onnx: Path | str | None = None, compile: str = "none") -> Path:
     """`semiseg predict`: an overlay PNG per image and `predictions.json` (COCO results) in `out_dir`.
 
-    config: the model's YAML config, for weights that embed none (as `load`); backend, onnx: as `load`.
+    config: the model's YAML config, for weights that embed none (as `load`); backend, onnx, compile: as `load`.
     The json keeps every prediction with its `file_name` (the threshold only affects the overlays)
     and dataset category ids. An existing `predictions.json` is never overwritten (DataError).
     """
@@ -146,7 +151,7 @@ def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: P
     if results_path.exists():
         raise DataError(f"{results_path} already exists: choose another --out or remove it")
     paths = expand_image_paths(images)
-    predictor = load(weights, device, config, backend, onnx)
+    predictor = load(weights, device, config, backend, onnx, compile)
     out_dir.mkdir(parents=True, exist_ok=True)
     results, used = [], set()
     for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", dynamic_ncols=True), start=1):

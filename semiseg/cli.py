@@ -32,7 +32,8 @@ def _split(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from semiseg.workflow import train
 
-    train(args.config, *args.overrides, resume=args.resume)
+    compile_override = [f"train.compile={args.compile}"] if args.compile else []
+    train(args.config, *args.overrides, *compile_override, resume=args.resume)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -46,7 +47,8 @@ def _predict(args: argparse.Namespace) -> None:
     from semiseg.api import predict_to_dir
 
     predict_to_dir(args.images, weights=args.weights, out_dir=args.out, score_threshold=args.score_threshold,
-                   device=args.device, config=args.config, backend=args.backend, onnx=args.onnx)
+                   device=args.device, config=args.config, backend=args.backend, onnx=args.onnx,
+                   compile=args.compile or "none")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config (supervised or semi-supervised)")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--resume", action="store_true", help="continue the run in the config's output folder")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training forward (default backend: inductor); = train.compile=BACKEND")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. solver.max_iter=500")
     p.set_defaults(func=_train)
 
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
                    help="onnxruntime: run the file of `semiseg export` given with --onnx (CPU)")
     p.add_argument("--onnx", type=Path, default=None, help="the exported model, for --backend onnxruntime")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the PyTorch forward (default backend: inductor)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="the network of trained weights as ONNX (opset 18, dynamic batch and size)")

@@ -150,6 +150,17 @@ class SolverConfig:
             raise ConfigError("solver.warmup_iters and solver.clip_grad_norm must be >= 0")
 
 
+def check_compile_backend(backend: str, key: str) -> None:
+    """ConfigError unless `backend` is "none" or a torch.compile backend (imports torch._dynamo only then)."""
+    if backend == "none":
+        return
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"{key}={backend!r}: expected none or a torch.compile backend "
+                          f"({', '.join(torch._dynamo.list_backends())}, aot_eager)")
+
+
 @dataclass
 class TrainConfig:
     """The run: output folder, seeding, periods (in iterations), device, failure handling.
@@ -161,6 +172,8 @@ class TrainConfig:
     resume: continue the run in `output_dir` from `checkpoints/last` (true, same as `--resume`), or
             "auto": continue when `checkpoints/last` exists, else start a new run (elastic restarts:
             `torchrun --max-restarts N`, requeued SLURM jobs).
+    compile: "none", or a torch.compile backend ("inductor" generates fused kernels; "aot_eager"
+             only traces) for the training forward (the losses stay eager); see docs/training.md.
     """
 
     output_dir: Path = Path("runs/default")
@@ -175,8 +188,10 @@ class TrainConfig:
     find_unused_parameters: bool = False
     overwrite: bool = False
     resume: bool | Literal["auto"] = False
+    compile: str = "none"
 
     def __post_init__(self) -> None:
+        check_compile_backend(self.compile, "train.compile")
         _check_positive(self, "train", ("eval_period", "checkpoint_period", "log_period"))
         iou_type, _, metric = self.best_metric.partition(".")
         if iou_type not in IOU_TYPES or metric not in SUMMARY_KEYS:

@@ -61,6 +61,8 @@ class Trainer:
         self.cfg, self.run, self.device, self.info, self.evaluate_fn = cfg, run, device, info, evaluate
         self.model = model
         self.ddp_model = wrap_ddp(model, device, cfg.train.find_unused_parameters)
+        if cfg.train.compile != "none":  # the forward only: the losses (Hungarian matching) stay eager
+            self.ddp_model = torch.compile(self.ddp_model, backend=cfg.train.compile)
         self.streams = streams
         self.optimizer = build_optimizer(model, cfg.solver)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.solver)
