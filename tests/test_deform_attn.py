@@ -64,7 +64,8 @@ def test_core_matches_transformers_reference():
     modeling = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
     value, locations, weights = random_inputs(seed=1)
     expected = modeling.multi_scale_deformable_attention(value, SHAPES, locations, weights)
-    torch.testing.assert_close(ms_deform_attn_core(value, SHAPES, locations, weights), expected, atol=0, rtol=0)
+    # not bitwise: semiseg sums level by level (faster), transformers over all levels at once
+    torch.testing.assert_close(ms_deform_attn_core(value, SHAPES, locations, weights), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_init_offsets_point_along_head_directions():
