@@ -80,6 +80,8 @@ class ModelConfig:
 class DataConfig:
     """Datasets and loading.
 
+    format:                 "coco" (train_ann / val_ann are COCO instances jsons) or "cityscapes"
+                            (they are gtFine/<split> folders, the images leftImg8bit/<split>)
     train_ann/train_images: labeled COCO instances json and its image folder
     val_ann/val_images:     validation set (evaluated every `train.eval_period` iterations)
     unlabeled:              image folder or image-list json of unlabeled images (semi-supervised runs)
@@ -95,6 +97,7 @@ class DataConfig:
                             absolute paths); off by default so a dataset file cannot point anywhere
     """
 
+    format: Literal["coco", "cityscapes"] = "coco"
     train_ann: Path | None = None
     train_images: Path | None = None
     val_ann: Path | None = None

@@ -15,16 +15,15 @@ from pathlib import Path
 import torch
 
 from semiseg.config import Config, save_config
-from semiseg.data.coco import load_coco_instances
+from semiseg.data.readers import read_labeled
 from semiseg.data.records import DatasetRecords
 from semiseg.engine.distributed import (broadcast_object, collective, destroy_distributed, get_rank, get_world_size,
                                         init_distributed, is_main_process, limit_cpu_threads, seed_everything, select_device)
-from semiseg.engine.evaluate import build_eval_loader_for, evaluate_model
+from semiseg.engine.evaluate import build_eval_data, evaluate_model
 from semiseg.engine.run_dir import close_run_log, open_run_log, prepare_run_dir, should_resume
 from semiseg.engine.stream import build_labeled_stream
 from semiseg.engine.trainer import EvaluateFn, Trainer
 from semiseg.errors import ConfigError
-from semiseg.evaluation import CocoEvaluator
 from semiseg.models.build import build_model
 from semiseg.semi.guided import build_guided_trainer
 from semiseg.weights import WeightsInfo
@@ -63,8 +62,8 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool | str) -> Trai
     if is_main_process():
         open_run_log(run)
 
-    records = collective(lambda: load_coco_instances(data.train_ann, data.train_images, strict=data.strict,
-                                                     allow_outside_root=data.allow_outside_root))
+    records = collective(lambda: read_labeled(data.format, data.train_ann, data.train_images, strict=data.strict,
+                                              allow_outside_root=data.allow_outside_root))
     cfg = with_num_classes(cfg, records)
     if is_main_process():
         if data.unlabeled is not None and not cfg.semi.enabled:
@@ -97,7 +96,6 @@ def build_evaluate_fn(cfg: Config, device: torch.device, class_names: list[str])
     """model -> COCO metrics on `data.val_ann` (validated now, so a bad val set fails before training)."""
     if cfg.data.val_images is None:
         raise ConfigError("data.val_images must be set when data.val_ann is")
-    loader = collective(lambda: build_eval_loader_for(cfg, cfg.data.val_ann, cfg.data.val_images, class_names))
-    evaluator = CocoEvaluator.from_json(cfg.data.val_ann)
+    loader, evaluator = collective(lambda: build_eval_data(cfg, cfg.data.val_ann, cfg.data.val_images, class_names))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.solver.amp) if device.type == "cuda" else None
     return functools.partial(evaluate_model, loader=loader, evaluator=evaluator, device=device, amp_dtype=amp_dtype)

@@ -199,18 +199,16 @@ class GroundTruthOracle(torch.nn.Module):
 def test_evaluate_model_scores_100_for_ground_truth_predictions(synth):
     from semiseg.config import Config, apply_overrides
     from semiseg.data.coco import load_coco_instances
-    from semiseg.engine.evaluate import build_eval_loader_for, evaluate_model
-    from semiseg.evaluation import CocoEvaluator
+    from semiseg.engine.evaluate import build_eval_data, evaluate_model
 
     cfg = apply_overrides(Config(), ["data.augmentation.test_short_edge=64", "data.augmentation.test_max_size=64",
                                      "data.num_workers=0"])
     records = load_coco_instances(synth["val_ann"], synth["val_images"])
-    loader = build_eval_loader_for(cfg, synth["val_ann"], synth["val_images"], records.class_names)
-    metrics = evaluate_model(GroundTruthOracle(records), loader, CocoEvaluator.from_json(synth["val_ann"]),
-                             torch.device("cpu"))
+    loader, evaluator = build_eval_data(cfg, synth["val_ann"], synth["val_images"], records.class_names)
+    metrics = evaluate_model(GroundTruthOracle(records), loader, evaluator, torch.device("cpu"))
     assert metrics["segm"]["AP"] == pytest.approx(100.0) and metrics["bbox"]["AP"] == pytest.approx(100.0)
     with pytest.raises(ConfigError, match="differ from the model's classes"):
-        build_eval_loader_for(cfg, synth["val_ann"], synth["val_images"], ["a", "b"])
+        build_eval_data(cfg, synth["val_ann"], synth["val_images"], ["a", "b"])
 
 
 def test_images_skipped_in_loader_workers_reach_the_log_metrics_and_the_end_summary(synth, tmp_path):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from semiseg.config import Config, apply_overrides, load_config
-from semiseg.data.coco import load_coco_instances
+from semiseg.data.readers import coco_ground_truth, read_labeled
 from semiseg.data.datasets import EvalDataset
 from semiseg.data.loader import build_eval_loader
 from semiseg.engine.checkpoint import weights_file
@@ -55,15 +55,19 @@ def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluato
     return broadcast_object(evaluator.evaluate() if is_main_process() else None)
 
 
-def build_eval_loader_for(cfg: Config, ann: Path, images: Path, class_names: list[str] | None = None) -> DataLoader:
-    """This rank's loader over a COCO json with the config's test resize; checks the class list."""
-    records = load_coco_instances(ann, images, strict=cfg.data.strict, allow_outside_root=cfg.data.allow_outside_root)
+def build_eval_data(cfg: Config, ann: Path, images: Path, class_names: list[str] | None = None
+                    ) -> tuple[DataLoader, CocoEvaluator]:
+    """This rank's loader over a labeled dataset (`data.format`) with the config's test resize, and the
+    evaluator of its ground truth; checks the class list."""
+    records = read_labeled(cfg.data.format, ann, images, strict=cfg.data.strict,
+                           allow_outside_root=cfg.data.allow_outside_root)
     if class_names and records.class_names != list(class_names):
         raise ConfigError(f"{ann}: its categories {records.class_names[:5]}... differ from the model's classes "
                           f"{list(class_names)[:5]}... (evaluate on a dataset with the training categories)")
     dataset = EvalDataset(records, cfg.data.augmentation.test_transform())
-    return build_eval_loader(dataset, batch_size=1, num_workers=cfg.data.num_workers, rank=get_rank(),
-                             world_size=get_world_size(), size_divisibility=cfg.model.head.size_divisibility)
+    loader = build_eval_loader(dataset, batch_size=1, num_workers=cfg.data.num_workers, rank=get_rank(),
+                               world_size=get_world_size(), size_divisibility=cfg.model.head.size_divisibility)
+    return loader, CocoEvaluator(coco_ground_truth(cfg.data.format, ann, records), source=str(ann))
 
 
 def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iterable[str] = (), who: str = "student",
@@ -100,8 +104,8 @@ def evaluate_from_cli(weights: Path, config: Path | None = None, overrides: Iter
             if ann_file is None or image_dir is None:
                 raise ConfigError(f"{path}: no evaluation set: pass --ann and --images (or set data.val_ann/val_images)")
             limit_cpu_threads(torch_device, cfg.data.num_workers)
-            loader = build_eval_loader_for(cfg, Path(ann_file), Path(image_dir), info.class_names)
-            results[info.name] = evaluate_model(model, loader, CocoEvaluator.from_json(ann_file), torch_device)
+            loader, evaluator = build_eval_data(cfg, Path(ann_file), Path(image_dir), info.class_names)
+            results[info.name] = evaluate_model(model, loader, evaluator, torch_device)
             if is_main_process():
                 print(f"{info.name} ({path}) on {ann_file}:\n{format_metrics(results[info.name])}")
         if out is not None and is_main_process():
