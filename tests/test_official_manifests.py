@@ -54,3 +54,21 @@ def test_converted_official_layout_fits_the_model_exactly(manifest, which, confi
     assert {k: tuple(v.shape) for k, v in weights.items()} == model_shapes(config, overrides)
     suggested = describe_layout(weights)  # what a failed load names as the config to use
     assert f"configs/{config}" in suggested and all(o in suggested for o in overrides), suggested
+
+
+def test_cityscapes_presets_fit_a_cityscapes_checkpoint_layout():
+    """No official Cityscapes manifest is available: its layout is derived from the official COCO R50
+    Guided Distillation one by the two documented differences of the Cityscapes configs (8 classes,
+    so 9 class rows with "no object"; SyncBN in the backbone, whose BatchNorm also saves
+    num_batches_tracked)."""
+    state = manifest_state("guided_distillation_coco_instance_r50_stage2")
+    for key in [k for k in state if k.endswith(("class_embed.weight", "class_embed.bias", "empty_weight"))]:
+        state[key] = torch.empty((9, *state[key].shape[1:]), device="meta")
+    for key in [k for k in state if ".backbone." in k
+                and k.endswith(".running_mean")]:
+        state[key.replace(".running_mean", ".num_batches_tracked")] = torch.empty((), device="meta")
+    weights, _ = select_model_weights(state, "student", source="cityscapes layout")
+    cfg = load_config(CONFIGS / "cityscapes_gd_r50.yaml", ["model.backbone.weights=null"])
+    with torch.device("meta"):
+        model = build_model(cfg.model, 8, load_pretrained=False)
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
