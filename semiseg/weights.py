@@ -396,6 +396,13 @@ _LAYOUT_CONFIGS = {  # (arch, backbone) -> the repository's config for that offi
     ("mask2former", "gd_dinov2_large"): "configs/coco_gd_dinov2_large.yaml",
     ("mask2former", "gd_deit_base"): "configs/coco_gd_deit_base.yaml",
 }
+_CITYSCAPES_CLASSES = 8  # a Mask2Former with 8 classes (+ "no object") is taken for a Cityscapes model
+_CITYSCAPES_CONFIGS = {
+    ("mask2former", "resnet50"): "configs/cityscapes_mask2former_r50.yaml",
+    ("mask2former", "swin_large"): "configs/cityscapes_mask2former_swin_l.yaml",
+    ("mask2former", "gd_dinov2_base"): "configs/cityscapes_gd_dinov2_base.yaml",
+    ("mask2former", "gd_deit_base"): "configs/cityscapes_gd_deit_base.yaml",
+}
 
 
 def describe_layout(weights: Mapping[str, torch.Tensor]) -> str:
@@ -414,7 +421,9 @@ def describe_layout(weights: Mapping[str, torch.Tensor]) -> str:
         backbone = {6: "resnet50", 23: "resnet101"}.get(len(blocks), backbone)
     queries = weights.get("sem_seg_head.predictor.query_feat.weight")
     text = f"{arch} with backbone {backbone}" + (f", {queries.shape[0]} queries" if queries is not None else "")
-    config = _LAYOUT_CONFIGS.get((arch, backbone))
+    class_rows = weights.get("sem_seg_head.predictor.class_embed.weight")
+    cityscapes = arch == "mask2former" and class_rows is not None and class_rows.shape[0] == _CITYSCAPES_CLASSES + 1
+    config = (_CITYSCAPES_CONFIGS if cityscapes else _LAYOUT_CONFIGS).get((arch, backbone))
     return text + (f" (the repository's {config})" if config else "")
 
 

@@ -72,3 +72,4 @@ def test_cityscapes_presets_fit_a_cityscapes_checkpoint_layout():
     with torch.device("meta"):
         model = build_model(cfg.model, 8, load_pretrained=False)
     assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert "configs/cityscapes_mask2former_r50.yaml" in describe_layout(weights)  # stage 1; stage 2 adds `semi:`
