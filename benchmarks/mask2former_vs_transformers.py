@@ -501,7 +501,7 @@ def format_report(results: list[dict], args: argparse.Namespace, device: torch.d
         f"- machine: {machine_description(device, threads)}",
         f"- device: {device.type}",
         f"- command: `python benchmarks/mask2former_vs_transformers.py {' '.join(args.argv)}`",
-        f"- times: median of {args.repeats} repeats after {args.warmup} warm-up run(s), the two implementations "
+        f"- times: median of {args.repeats} repeats after {args.warmup} warm-up run(s), the implementations "
         "alternating (A B, B A, ...); ratio = semiseg / transformers (< 1: semiseg faster / smaller)",
         "- memory: " + ("not measured (--no-memory)" if args.no_memory else
                         "peak increase during one step, fresh process per cell "
