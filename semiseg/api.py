@@ -100,6 +100,8 @@ def load(weights: Path | str, device: str | None = None, config: Path | str | No
     if (backend == "onnxruntime") != (onnx is not None):
         raise ConfigError("the onnxruntime backend needs the exported file (--onnx FILE), and --onnx needs "
                           "--backend onnxruntime")
+    if backend == "onnxruntime" and compile != "none":
+        raise ConfigError("--compile applies to the PyTorch backend, not to onnxruntime")
     torch_device = select_device("cpu" if backend == "onnxruntime" else device or "auto")
     path = weights_file(Path(weights), "student")
     cfg = load_config(config) if config is not None else None

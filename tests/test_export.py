@@ -91,5 +91,7 @@ def test_a_file_of_other_weights_or_another_config_is_a_one_line_error(exported,
         load(other_seed, backend="onnxruntime", onnx=tmp_path / "junk.onnx")
     with pytest.raises(ConfigError, match="needs the exported file"):
         load(other_seed, backend="onnxruntime")
+    with pytest.raises(ConfigError, match="--compile applies to the PyTorch backend"):
+        load(other_seed, backend="onnxruntime", onnx=onnx_file, compile="aot_eager")
     with pytest.raises(DataError, match="no such ONNX file"):
         load(other_seed, backend="onnxruntime", onnx=tmp_path / "missing.onnx")
