@@ -92,7 +92,7 @@ def load(weights: Path | str, device: str | None = None, config: Path | str | No
     backend: "pytorch", or "onnxruntime" with `onnx` = the file `semiseg export` wrote from these
     weights (checked; CPU only).
     compile: "none" or a torch.compile backend for the PyTorch forward ("inductor": faster after a
-    compilation of about a minute on CPU; docs/benchmarks.md).
+    first call that compiles for minutes on a CPU; docs/benchmarks.md).
     """
     check_compile_backend(compile, "compile")
     if backend not in BACKENDS:

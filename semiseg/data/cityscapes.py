@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from faster_coco_eval.core import mask as mask_api
 from PIL import Image
 
 from semiseg.data.masks import encode_rle
@@ -51,17 +50,15 @@ def load_cityscapes_instances(gt_dir: Path, image_dir: Path) -> DatasetRecords:
 
 
 def records_to_coco(dataset: DatasetRecords) -> dict:
-    """A COCO instances dict of `dataset` (RLE masks, areas and boxes from them): the ground truth
-    of `CocoEvaluator` for a format without a json of its own."""
+    """A COCO instances dict of `dataset`: the ground truth of `CocoEvaluator` for a format without a
+    json of its own (the evaluator derives each mask's area and box)."""
     images, annotations = [], []
     for record in dataset.records:
         images.append({"id": record.image_id, "file_name": str(record.file_name), "height": record.height,
                        "width": record.width})
         for a in record.annotations:
-            rle = {"size": a.segmentation["size"], "counts": a.segmentation["counts"].encode("ascii")}
             annotations.append({"id": len(annotations) + 1, "image_id": record.image_id,
                                 "category_id": dataset.category_ids[a.label], "segmentation": a.segmentation,
-                                "area": float(mask_api.area(rle)), "bbox": [float(v) for v in mask_api.toBbox(rle)],
                                 "iscrowd": int(a.iscrowd)})
     categories = [{"id": c, "name": n} for c, n in zip(dataset.category_ids, dataset.class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}
