@@ -331,13 +331,13 @@ def make_onnxruntime_step(model: Mask2Former, batch: BenchBatch, threads: int, f
     """Inference of `model`'s ONNX export with onnxruntime on `threads` threads (checked against eager)."""
     import onnxruntime
 
-    from semiseg.export import INPUT_NAME, NetworkOnly
+    from semiseg.export import INPUT_NAME, OPSET, NetworkOnly
 
     model = model.cpu().eval()
     path = os.path.join(folder, "model.onnx")
     example = model.normalize(batch.images.cpu(), batch.image_sizes)
     with torch.no_grad():
-        torch.onnx.export(NetworkOnly(model, "mask2former").eval(), (example,), path, dynamo=True, opset_version=18,
+        torch.onnx.export(NetworkOnly(model, "mask2former").eval(), (example,), path, dynamo=True, opset_version=OPSET,
                           verbose=False, input_names=[INPUT_NAME])
         expected = model(batch.images.cpu(), batch.image_sizes)
     options = onnxruntime.SessionOptions()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -27,8 +26,6 @@ from torch import nn
 from semiseg.config import ModelConfig
 from semiseg.errors import CheckpointError, ConfigError, DataError
 from semiseg.weights import atomic_write
-
-logger = logging.getLogger("semiseg.export")
 
 OPSET = 18
 INPUT_NAME = "images"

@@ -12,9 +12,6 @@ from semiseg.data.cityscapes import load_cityscapes_instances, records_to_coco
 from semiseg.data.coco import load_coco_instances, read_json
 from semiseg.data.records import DatasetRecords
 
-FORMATS = ("coco", "cityscapes")
-
-
 def read_labeled(data_format: str, ann: Path, images: Path, strict: bool = False,
                  allow_outside_root: bool = False) -> DatasetRecords:
     """The records of a labeled dataset in `data_format` (`strict` / `allow_outside_root`: COCO only)."""
