@@ -35,6 +35,7 @@ from semiseg.models.backbones import BackboneConfig
 from semiseg.models.mask2former import Mask2FormerConfig
 from semiseg.models.maskdino import MaskDINOConfig
 from semiseg.models.registry import META_ARCHITECTURES
+from semiseg.models.segmentation_task import SegmentationTask
 from semiseg.semi.config import SemiConfig
 from semiseg.weights import SHIPPED_PREFIX, atomic_write
 
@@ -49,6 +50,12 @@ class ModelConfig:
              its class layers are re-initialised when its class count differs. None: only the
              backbone is pretrained (`backbone.weights`).
 
+    task: "instance" (COCO AP), "panoptic" (PQ) or "semantic" (mIoU): what the model predicts and how it
+          is evaluated (docs/tasks.md); the training data must hold that task's annotations.
+    stuff_classes: contiguous ids of the stuff classes (panoptic); empty = from the training data's
+          categories (`isthing: 0`).
+    object_mask_threshold / overlap_threshold: panoptic fusion (null = the model's default).
+
     `num_classes` is the one place to set the class count: the meta-architecture sections' own
     `num_classes` are overwritten with it (once known).
     """
@@ -56,6 +63,10 @@ class ModelConfig:
     arch: str = "mask2former"
     num_classes: int = 0
     weights: Path | None = None
+    task: Literal["instance", "panoptic", "semantic"] = "instance"
+    stuff_classes: tuple[int, ...] = ()
+    object_mask_threshold: float | None = None
+    overlap_threshold: float = 0.8
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
     maskdino: MaskDINOConfig = field(default_factory=MaskDINOConfig)
@@ -69,6 +80,11 @@ class ModelConfig:
             self.mask2former = dataclasses.replace(self.mask2former, num_classes=self.num_classes)
         if self.num_classes > 0 and self.maskdino.num_classes != self.num_classes:
             self.maskdino = dataclasses.replace(self.maskdino, num_classes=self.num_classes)
+
+    @property
+    def segmentation_task(self) -> SegmentationTask:
+        return SegmentationTask(self.task, tuple(self.stuff_classes), self.object_mask_threshold,
+                                self.overlap_threshold)
 
     @property
     def head(self) -> Mask2FormerConfig | MaskDINOConfig:

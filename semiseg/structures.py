@@ -1,7 +1,8 @@
 """The data types that flow through the whole library.
 
 One representation end to end: the loader emits `Instances` for ground truth, a teacher emits
-`Instances` as pseudo-labels, and `model.predict` returns `Instances` with `scores` filled in.
+`Instances` as pseudo-labels, and `model.predict` returns `Instances` with `scores` filled in
+(panoptic models return `PanopticSegmentation`, semantic ones a [H, W] class map).
 """
 from __future__ import annotations
 
@@ -75,6 +76,31 @@ class Instances:
         return Instances(self.labels.to(device), self.masks.to(device), self.boxes.to(device),
                          None if self.scores is None else self.scores.to(device),
                          None if self.class_probs is None else self.class_probs.to(device))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a panoptic segmentation: its id in the id map, contiguous class, thing or stuff, score."""
+
+    id: int
+    label: int
+    is_thing: bool
+    score: float = 1.0
+
+
+@dataclass
+class PanopticSegmentation:
+    """Panoptic segmentation of one image.
+
+    segment_ids: [H, W] int32, the id of the segment each pixel belongs to (0 = none, void)
+    segments:    the segments, one per id present in `segment_ids`
+    """
+
+    segment_ids: torch.Tensor
+    segments: list[Segment]
+
+    def to(self, device: torch.device | str) -> "PanopticSegmentation":
+        return PanopticSegmentation(self.segment_ids.to(device), self.segments)
 
 
 @dataclass

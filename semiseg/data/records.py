@@ -45,12 +45,14 @@ class DatasetRecords:
     class_names:  name of each contiguous class id
     category_ids: original dataset category id of each contiguous class id
     source:       the file or folder the records came from (named in error messages)
+    stuff_classes: contiguous ids of the stuff classes (COCO panoptic `isthing: 0`); the rest are things
     """
 
     records: list[ImageRecord]
     class_names: list[str]
     category_ids: list[int]
     source: Path
+    stuff_classes: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -58,3 +60,7 @@ class DatasetRecords:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def is_thing(self) -> list[bool]:
+        return [k not in self.stuff_classes for k in range(self.num_classes)]

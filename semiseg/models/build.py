@@ -28,6 +28,7 @@ def build_model(model_cfg, num_classes: int, load_pretrained: bool = True) -> nn
         raise ConfigError(f"model.arch={model_cfg.arch!r}: expected one of {', '.join(META_ARCHITECTURES)}")
     head_cfg = dataclasses.replace(model_cfg.head, num_classes=num_classes)
     model = META_ARCHITECTURES[model_cfg.arch].model(head_cfg, build_backbone(backbone_cfg))
+    model.task = model_cfg.segmentation_task
     if load_pretrained and model_cfg.weights is not None:
         load_pretrained_model(model, model_cfg.weights, num_classes)
     return model

@@ -16,12 +16,13 @@ from torch import nn
 from semiseg.errors import ConfigError
 from semiseg.models.mask2former_criterion import SetCriterion
 from semiseg.models.deform_attn import BACKENDS
-from semiseg.models.mask2former_inference import instance_inference
+from semiseg.models.mask2former_inference import instance_inference, resize_mask_logits
 from semiseg.models.mask2former_decoder import MultiScaleMaskedTransformerDecoder
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.models.pixel_decoder import MSDeformAttnPixelDecoder
 from semiseg.models.preprocess import backbone_pixel_stats, normalize_and_pad
 from semiseg.models.protocol import PseudoLabelCandidates, PseudoLabelDefaults
+from semiseg.models.segmentation_task import SegmentationTask, panoptic_inference, semantic_inference
 from semiseg.structures import Instances
 
 
@@ -113,6 +114,7 @@ class Mask2Former(nn.Module):
     def __init__(self, cfg: Mask2FormerConfig, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg
+        self.task = SegmentationTask()  # what `predict` returns; `build_model` sets it from `model.task`
         self.backbone = backbone
         input_shape = {name: (backbone.out_channels[name], backbone.strides[name]) for name in backbone.out_channels}
         pixel_decoder = MSDeformAttnPixelDecoder(
@@ -159,12 +161,27 @@ class Mask2Former(nn.Module):
 
     @torch.no_grad()
     def predict(self, outputs: dict, image_sizes: Sequence[tuple[int, int]],
-                orig_sizes: Sequence[tuple[int, int]]) -> list[Instances]:
-        """Per image: top-k instances with scores, masks [N, orig_h, orig_w] and boxes from the masks."""
-        return [
-            instance_inference(logits, masks, outputs["padded_size"], tuple(size), tuple(orig), self.cfg.test_topk)
-            for logits, masks, size, orig in zip(outputs["pred_logits"], outputs["pred_masks"], image_sizes, orig_sizes)
-        ]
+                orig_sizes: Sequence[tuple[int, int]]) -> list:
+        """Per image, by `self.task`: instance: top-k Instances with scores, masks [N, orig_h, orig_w] and
+        boxes from the masks; panoptic: a PanopticSegmentation; semantic: a [orig_h, orig_w] class map."""
+        padded = outputs["padded_size"]
+        results = []
+        for logits, masks, size, orig in zip(outputs["pred_logits"], outputs["pred_masks"], image_sizes, orig_sizes):
+            if self.task.name == "instance":
+                results.append(instance_inference(logits, masks, padded, tuple(size), tuple(orig), self.cfg.test_topk))
+                continue
+            probs = logits.float().softmax(-1)  # [Q, K+1]
+            if self.task.name == "semantic":
+                mask_probs = resize_mask_logits(masks.float(), padded, tuple(size), tuple(orig)).sigmoid()
+                results.append(semantic_inference(probs[:, :-1], mask_probs))
+                continue
+            scores, labels = probs.max(-1)
+            threshold = self.task.object_mask_threshold
+            keep = (labels != self.cfg.num_classes) & (scores > (0.8 if threshold is None else threshold))
+            mask_probs = resize_mask_logits(masks[keep].float(), padded, tuple(size), tuple(orig)).sigmoid()
+            results.append(panoptic_inference(scores[keep], labels[keep], mask_probs, self.task.stuff_classes,
+                                              self.task.overlap_threshold))
+        return results
 
     @torch.no_grad()
     def pseudo_label_candidates(self, outputs: dict) -> PseudoLabelCandidates:

@@ -38,8 +38,11 @@ from semiseg.models.matcher import HungarianMatcher, focal_class_cost
 from semiseg.models.pixel_decoder import MSDeformAttnPixelDecoder
 from semiseg.models.preprocess import backbone_pixel_stats, normalize_and_pad
 from semiseg.models.protocol import PseudoLabelCandidates, PseudoLabelDefaults
+from semiseg.models.segmentation_task import SegmentationTask, panoptic_inference, semantic_inference
 from semiseg.structures import Instances
 
+
+PANOPTIC_TEMPERATURE = 0.06  # the reference's PANO_TEMPERATURE (panoptic and semantic scores)
 
 @dataclass
 class MaskDINOConfig:
@@ -176,6 +179,7 @@ class MaskDINO(nn.Module):
     def __init__(self, cfg: MaskDINOConfig, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg
+        self.task = SegmentationTask()  # what `predict` returns; `build_model` sets it from `model.task`
         self.backbone = backbone
         input_shape = {name: (backbone.out_channels[name], backbone.strides[name]) for name in backbone.out_channels}
         pixel_decoder = MSDeformAttnPixelDecoder(
@@ -248,15 +252,31 @@ class MaskDINO(nn.Module):
 
     @torch.no_grad()
     def predict(self, outputs: dict, image_sizes: Sequence[tuple[int, int]],
-                orig_sizes: Sequence[tuple[int, int]]) -> list[Instances]:
-        """Per image: top-k (query, class) pairs with scores, masks [N, orig_h, orig_w] and the box
-        head's boxes in pixels of the original image."""
+                orig_sizes: Sequence[tuple[int, int]]) -> list:
+        """Per image, by `self.task`: instance: top-k (query, class) pairs with scores, masks
+        [N, orig_h, orig_w] and the box head's boxes in pixels of the original image; panoptic: a
+        PanopticSegmentation; semantic: a [orig_h, orig_w] class map. Panoptic and semantic use the
+        reference's score "sharpening" softmax(sigmoid(logits) / 0.06) over the classes."""
         padded = outputs["padded_size"]
-        return [
-            instance_inference(logits, masks, boxes, padded, tuple(size), tuple(orig), self.cfg.test_topk)
-            for logits, masks, boxes, size, orig in zip(outputs["pred_logits"], outputs["pred_masks"],
-                                                       outputs["pred_boxes"], image_sizes, orig_sizes)
-        ]
+        results = []
+        for logits, masks, boxes, size, orig in zip(outputs["pred_logits"], outputs["pred_masks"],
+                                                    outputs["pred_boxes"], image_sizes, orig_sizes):
+            if self.task.name == "instance":
+                results.append(instance_inference(logits, masks, boxes, padded, tuple(size), tuple(orig),
+                                                  self.cfg.test_topk))
+                continue
+            sigmoid = logits.float().sigmoid()  # [Q, K]
+            if self.task.name == "semantic":
+                mask_probs = resize_mask_logits(masks.float(), padded, tuple(size), tuple(orig)).sigmoid()
+                results.append(semantic_inference((sigmoid / PANOPTIC_TEMPERATURE).softmax(-1), mask_probs))
+                continue
+            threshold = self.task.object_mask_threshold
+            keep = sigmoid.max(-1).values > (0.25 if threshold is None else threshold)
+            scores, labels = (sigmoid[keep] / PANOPTIC_TEMPERATURE).softmax(-1).max(-1)
+            mask_probs = resize_mask_logits(masks[keep].float(), padded, tuple(size), tuple(orig)).sigmoid()
+            results.append(panoptic_inference(scores, labels, mask_probs, self.task.stuff_classes,
+                                              self.task.overlap_threshold))
+        return results
 
     @torch.no_grad()
     def pseudo_label_candidates(self, outputs: dict) -> PseudoLabelCandidates:
