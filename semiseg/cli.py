@@ -19,7 +19,7 @@ def _synth(args: argparse.Namespace) -> None:
     from semiseg.data.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(args.out, num_train=args.train, num_val=args.val, seed=args.seed,
-                            image_size=args.size, overwrite=args.overwrite)
+                            image_size=args.size, overwrite=args.overwrite, stuff=args.stuff)
 
 
 def _split(args: argparse.Namespace) -> None:
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.add_argument("--stuff", action="store_true", help="stuff backgrounds (sky, wall, floor) and COCO panoptic "
+                   "annotations too, for the panoptic and semantic tasks")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("split", help="seeded, nested labeled-percentage splits of a COCO json")

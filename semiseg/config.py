@@ -30,7 +30,7 @@ import yaml
 
 from semiseg.data.transforms import AugmentationConfig
 from semiseg.errors import ConfigError
-from semiseg.evaluation import IOU_TYPES, SUMMARY_KEYS
+from semiseg.evaluation import METRIC_GROUPS
 from semiseg.models.backbones import BackboneConfig
 from semiseg.models.mask2former import Mask2FormerConfig
 from semiseg.models.maskdino import MaskDINOConfig
@@ -96,7 +96,8 @@ class ModelConfig:
 class DataConfig:
     """Datasets and loading.
 
-    format:                 "coco" (train_ann / val_ann are COCO instances jsons) or "cityscapes"
+    format:                 "coco" (train_ann / val_ann are COCO instances jsons), "coco_panoptic" (COCO
+                            panoptic jsons, their PNGs in the folder of the same name) or "cityscapes"
                             (they are gtFine/<split> folders, the images leftImg8bit/<split>)
     train_ann/train_images: labeled COCO instances json and its image folder
     val_ann/val_images:     validation set (evaluated every `train.eval_period` iterations)
@@ -113,7 +114,7 @@ class DataConfig:
                             absolute paths); off by default so a dataset file cannot point anywhere
     """
 
-    format: Literal["coco", "cityscapes"] = "coco"
+    format: Literal["coco", "coco_panoptic", "cityscapes"] = "coco"
     train_ann: Path | None = None
     train_images: Path | None = None
     val_ann: Path | None = None
@@ -186,7 +187,8 @@ class TrainConfig:
 
     device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N" (torchrun: GPU LOCAL_RANK).
     on_nonfinite: "stop" (error naming the iteration and every loss term) or "skip" the step.
-    best_metric: "<iou type>.<metric>" of the evaluation that selects `checkpoints/best` (higher is better).
+    best_metric: "<group>.<metric>" of the evaluation that selects `checkpoints/best` (higher is better),
+                 e.g. segm.AP, panoptic.PQ, sem_seg.mIoU; "auto" = the first of these for `model.task`.
     overwrite: a new run may replace the semiseg files of a non-empty `output_dir`.
     resume: continue the run in `output_dir` from `checkpoints/last` (true, same as `--resume`), or
             "auto": continue when `checkpoints/last` exists, else start a new run (elastic restarts:
@@ -203,7 +205,7 @@ class TrainConfig:
     log_period: int = 20
     device: str = "auto"
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    best_metric: str = "segm.AP"
+    best_metric: str = "auto"
     find_unused_parameters: bool = False
     overwrite: bool = False
     resume: bool | Literal["auto"] = False
@@ -212,10 +214,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_compile_backend(self.compile, "train.compile")
         _check_positive(self, "train", ("eval_period", "checkpoint_period", "log_period"))
-        iou_type, _, metric = self.best_metric.partition(".")
-        if iou_type not in IOU_TYPES or metric not in SUMMARY_KEYS:
-            raise ConfigError(f"train.best_metric={self.best_metric!r}: expected <{'|'.join(IOU_TYPES)}>."
-                              f"<{'|'.join(SUMMARY_KEYS)}>, e.g. segm.AP")
+        group, _, metric = self.best_metric.partition(".")
+        if self.best_metric != "auto" and metric not in METRIC_GROUPS.get(group, ()):
+            raise ConfigError(f"train.best_metric={self.best_metric!r}: expected auto or <group>.<metric> with "
+                              + "; ".join(f"{g}: {', '.join(keys)}" for g, keys in METRIC_GROUPS.items()))
 
 
 @dataclass

@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 IOU_TYPES = ("segm", "bbox")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six COCOeval stats, in order
+# every metric group an evaluation can report (instance: segm + bbox; panoptic; semantic) and its summary keys
+METRIC_GROUPS = {"segm": SUMMARY_KEYS, "bbox": SUMMARY_KEYS,
+                 "panoptic": ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"),
+                 "sem_seg": ("mIoU", "fwIoU", "mACC", "pACC")}
+BEST_METRIC = {"instance": "segm.AP", "panoptic": "panoptic.PQ", "semantic": "sem_seg.mIoU"}  # train.best_metric: auto
 
 
 class CocoEvaluator:
@@ -177,11 +182,15 @@ class CocoEvaluator:
 
 
 def format_metrics(metrics: dict[str, dict]) -> str:
-    """A compact text table: one row per iou type, columns AP AP50 AP75 APs APm APl."""
-    header = f"{'':<6}" + "".join(f"{k:>7}" for k in SUMMARY_KEYS)
-    rows = [header]
-    for iou_type, values in metrics.items():
-        rows.append(f"{iou_type:<6}" + "".join(f"{values[k]:>7.2f}" for k in SUMMARY_KEYS))
+    """A compact text table: one header and one row per metric group (segm / bbox: AP AP50 ... APl;
+    panoptic: PQ SQ RQ and their things / stuff parts; sem_seg: mIoU fwIoU mACC pACC)."""
+    rows = []
+    for group, values in metrics.items():
+        keys = METRIC_GROUPS[group]
+        header = f"{'':<9}" + "".join(f"{k:>7}" for k in keys)
+        if not rows or rows[-2] != header:
+            rows.append(header)
+        rows.append(f"{group:<9}" + "".join(f"{values[k]:>7.2f}" for k in keys))
     return "\n".join(rows)
 
 

@@ -63,7 +63,8 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool | str) -> Trai
         open_run_log(run)
 
     records = collective(lambda: read_labeled(data.format, data.train_ann, data.train_images, strict=data.strict,
-                                              allow_outside_root=data.allow_outside_root))
+                                              allow_outside_root=data.allow_outside_root,
+                                              task=cfg.model.task))
     cfg = with_num_classes(cfg, records)
     if is_main_process():
         if data.unlabeled is not None and not cfg.semi.enabled:
@@ -85,11 +86,16 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool | str) -> Trai
 
 
 def with_num_classes(cfg: Config, records: DatasetRecords) -> Config:
-    """`cfg` with `model.num_classes` set from the training json (0 in the config) or checked against it."""
+    """`cfg` with `model.num_classes` set from the training data (0 in the config) or checked against it,
+    and, for a panoptic model, `model.stuff_classes` from the data's categories when the config has none."""
     k = cfg.model.num_classes
     if k not in (0, records.num_classes):
         raise ConfigError(f"model.num_classes={k} but {records.source} has {records.num_classes} categories")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=records.num_classes))
+    stuff = cfg.model.stuff_classes or (records.stuff_classes if cfg.model.task == "panoptic" else ())
+    if any(not 0 <= c < records.num_classes for c in stuff):
+        raise ConfigError(f"model.stuff_classes={list(stuff)}: expected class ids in [0, {records.num_classes})")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=records.num_classes,
+                                                              stuff_classes=tuple(stuff)))
 
 
 def build_evaluate_fn(cfg: Config, device: torch.device, class_names: list[str]) -> EvaluateFn:

@@ -95,6 +95,10 @@ def test_predict_returns_the_task_type(arch, task):
     if task == "semantic":
         assert results[1].shape == (96, 120) and results[1].max() < 3
     if task == "panoptic":
+        model.task = dataclasses.replace(model.task, object_mask_threshold=1.0)  # nothing kept: all void
+        with torch.no_grad():
+            (nothing,) = model.predict(model(images[:1], [(64, 64)]), [(64, 64)], [(64, 64)])
+        assert nothing.segments == [] and not nothing.segment_ids.any()
         assert results[1].segment_ids.shape == (96, 120)
         ids = set(results[1].segment_ids.unique().tolist()) - {0}
         assert ids == {s.id for s in results[1].segments} and len(ids) > 0

@@ -1,23 +1,52 @@
-"""Labeled datasets by `data.format`: one function that every consumer (training, evaluation) calls.
+"""Labeled datasets by `data.format` and `model.task`: one function that every consumer (training, evaluation) calls.
 
-    coco:       `ann` is a COCO instances json, `images` its image folder
-    cityscapes: `ann` is a Cityscapes `gtFine/<split>` folder, `images` the matching `leftImg8bit/<split>`
+    coco:          `ann` is a COCO instances json, `images` its image folder
+    coco_panoptic: `ann` is a COCO panoptic json (PNGs in the folder of the same name), `images` its images
+    cityscapes:    `ann` is a Cityscapes `gtFine/<split>` folder, `images` the matching `leftImg8bit/<split>`
+
+For the semantic task the annotations of a class are merged into one per image (crowds included):
+semantic segmentation is one mask per present class, as in the references.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from semiseg.data.cityscapes import load_cityscapes_instances, records_to_coco
 from semiseg.data.coco import load_coco_instances, read_json
-from semiseg.data.records import DatasetRecords
+from semiseg.data.coco_panoptic import load_coco_panoptic
+from semiseg.data.masks import decode_segmentation, encode_rle
+from semiseg.data.records import Annotation, DatasetRecords
+
+FORMATS = ("coco", "coco_panoptic", "cityscapes")
+
 
 def read_labeled(data_format: str, ann: Path, images: Path, strict: bool = False,
-                 allow_outside_root: bool = False) -> DatasetRecords:
-    """The records of a labeled dataset in `data_format` (`strict` / `allow_outside_root`: COCO only)."""
+                 allow_outside_root: bool = False, task: str = "instance") -> DatasetRecords:
+    """The records of a labeled dataset in `data_format` for `task` (`strict`: COCO instances only)."""
     if data_format == "cityscapes":
-        return load_cityscapes_instances(Path(ann), Path(images))
-    return load_coco_instances(Path(ann), Path(images), strict=strict, allow_outside_root=allow_outside_root)
+        records = load_cityscapes_instances(Path(ann), Path(images))
+    elif data_format == "coco_panoptic":
+        records = load_coco_panoptic(Path(ann), Path(images), allow_outside_root=allow_outside_root)
+    else:
+        records = load_coco_instances(Path(ann), Path(images), strict=strict, allow_outside_root=allow_outside_root)
+    return merged_by_class(records) if task == "semantic" else records
+
+
+def merged_by_class(dataset: DatasetRecords) -> DatasetRecords:
+    """Each image's annotations of a class merged into one non-crowd annotation (the semantic targets)."""
+    records = []
+    for record in dataset.records:
+        masks: dict[int, np.ndarray] = {}
+        for a in record.annotations:
+            mask = decode_segmentation(a.segmentation, record.height, record.width)
+            masks[a.label] = masks[a.label] | mask if a.label in masks else mask
+        merged = [Annotation(label, encode_rle(mask)) for label, mask in sorted(masks.items())]
+        records.append(dataclasses.replace(record, annotations=merged))
+    return dataclasses.replace(dataset, records=records)
 
 
 def coco_ground_truth(data_format: str, ann: Path, records: DatasetRecords) -> dict[str, Any]:

@@ -6,6 +6,11 @@ gives a class away. Objects are painted bottom to top and each annotation is the
 its object. Backgrounds are textured (gradients, low-frequency noise, stripes,
 checkers) with distractor clutter (thin lines, elongated blobs) and photometric jitter.
 
+With `stuff=True` (`semiseg synth --stuff`) the background is instead made of stuff regions of three
+classes told apart by texture, not colour (sky: a smooth gradient, wall: brick courses, floor: a
+checker in perspective-free tiles), and the dataset is also written as COCO panoptic (json + PNG
+folder, segment id = R + 256 G + 256^2 B) for the panoptic and semantic tasks.
+
 Every image is drawn from its own `numpy.random.default_rng([seed, split_index, image_id])`, so a
 seed gives the same bytes whatever the number of worker processes.
 """
@@ -23,11 +28,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from semiseg.data.masks import encode_rle
+from semiseg.data.masks import decode_segmentation, encode_rle
 from semiseg.data.synthetic_shapes import SHAPE_CLASSES, Shape, make_shape
 from semiseg.errors import ConfigError, DataError
 
 CATEGORIES = [{"id": c.category_id, "name": c.name, "supercategory": "shape"} for c in SHAPE_CLASSES]
+STUFF_CATEGORIES = [{"id": 101, "name": "sky", "supercategory": "stuff"},
+                    {"id": 102, "name": "wall", "supercategory": "stuff"},
+                    {"id": 103, "name": "floor", "supercategory": "stuff"}]
 SPLITS = ("train", "val")
 
 _MIN_VISIBLE_AREA = 12  # pixels; smaller visible parts are not annotated, so never produced
@@ -42,10 +50,13 @@ class SyntheticImage:
     """One rendered image and its COCO annotations (without `id`/`image_id`), bottom object first.
 
     image: [S, S, 3] uint8 RGB
+    stuff: [S, S] uint8, index + 1 into STUFF_CATEGORIES of each background pixel (0 = an object's
+           visible pixel), or None without stuff
     """
 
     image: np.ndarray
     annotations: list[dict]
+    stuff: np.ndarray | None = None
 
 
 @dataclass
@@ -59,13 +70,15 @@ class _Placed:
 
 
 def write_synthetic_dataset(out_dir: Path, num_train: int = 800, num_val: int = 500, seed: int = 0,
-                            image_size: int = 128, overwrite: bool = False) -> dict[str, Path]:
+                            image_size: int = 128, overwrite: bool = False, stuff: bool = False) -> dict[str, Path]:
     """Write the synthetic dataset to `out_dir` and return its paths.
 
     Layout: `train/*.png`, `val/*.png`, `annotations/instances_{train,val}.json` (COCO instances,
     image ids 1..N, file names `000001.png`...). Returned keys: "train_images", "val_images",
-    "train_ann", "val_ann". A non-empty `out_dir` is refused unless `overwrite`, which replaces
-    only the files this function writes (numbered PNGs in train/ and val/, the two jsons).
+    "train_ann", "val_ann"; with `stuff` also "train_panoptic", "val_panoptic":
+    `annotations/panoptic_{train,val}.json` beside their PNG folders `annotations/panoptic_{split}/`.
+    A non-empty `out_dir` is refused unless `overwrite`, which replaces only the files this function
+    writes (numbered PNGs in train/ and val/, the jsons).
     """
     out_dir = Path(out_dir)
     _check_arguments(num_train, num_val, seed, image_size)
@@ -75,25 +88,35 @@ def write_synthetic_dataset(out_dir: Path, num_train: int = 800, num_val: int = 
              "val_ann": out_dir / "annotations" / "instances_val.json"}
     counts = []
     for split_index, (split, num_images) in enumerate(zip(SPLITS, (num_train, num_val))):
-        coco = _write_split(paths[f"{split}_images"], split, split_index, num_images, seed, image_size)
+        panoptic_dir = out_dir / "annotations" / f"panoptic_{split}" if stuff else None
+        coco, panoptic = _write_split(paths[f"{split}_images"], split, split_index, num_images, seed, image_size,
+                                      panoptic_dir)
         _write_json(paths[f"{split}_ann"], coco)
+        if panoptic is not None:
+            paths[f"{split}_panoptic"] = panoptic_dir.with_suffix(".json")
+            _write_json(paths[f"{split}_panoptic"], panoptic)
         counts.append(len(coco["annotations"]))
+    kinds = f"{len(CATEGORIES)} thing + {len(STUFF_CATEGORIES)} stuff classes" if stuff else f"{len(CATEGORIES)} classes"
     print(f"synthetic dataset: {num_train} train images ({counts[0]} annotations), {num_val} val images "
-          f"({counts[1]} annotations), {len(CATEGORIES)} classes, {image_size} px -> {out_dir}")
+          f"({counts[1]} annotations), {kinds}, {image_size} px -> {out_dir}")
     return paths
 
 
 def render_synthetic_image(seed: int, split_index: int, image_id: int, image_size: int = 128, *,
                            max_objects: int = 8, empty_prob: float = 0.05,
-                           crowd_prob: float = 0.03) -> SyntheticImage:
+                           crowd_prob: float = 0.03, stuff: bool = False) -> SyntheticImage:
     """Render one image of the dataset, deterministically from (seed, split_index, image_id).
 
     A non-empty image tries to place 1 + Binomial(max_objects - 1, 3/7) objects (mean 4 for the
     default 8); an object that finds no placement leaving earlier ones visible enough is dropped.
     A `crowd_prob` share of the images also gets one crowd region (iscrowd=1) at the bottom.
+    `stuff`: a background of stuff regions (sky / wall / floor) instead of one texture.
     """
     rng = np.random.default_rng([seed, split_index, image_id])
-    canvas = _background(rng, image_size)
+    if stuff:
+        canvas, stuff_map = _stuff_background(rng, image_size)
+    else:
+        canvas, stuff_map = _background(rng, image_size), None
     _draw_clutter(rng, canvas)
     placed: list[_Placed] = []
     if rng.random() >= empty_prob:
@@ -102,7 +125,10 @@ def render_synthetic_image(seed: int, split_index: int, image_id: int, image_siz
         for _ in range(1 + rng.binomial(max_objects - 1, 3 / 7)):
             _place_object(rng, canvas, placed)
     image = _photometric(rng, canvas)
-    return SyntheticImage(image, [_annotation(p, image_size) for p in placed])
+    if stuff_map is not None:
+        for p in placed:
+            stuff_map[p.visible] = 0
+    return SyntheticImage(image, [_annotation(p, image_size) for p in placed], stuff_map)
 
 
 def _check_arguments(num_train: int, num_val: int, seed: int, image_size: int) -> None:
@@ -127,6 +153,10 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
                 if re.fullmatch(r"\d{6,}\.png", png.name):
                     png.unlink()
             (out_dir / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
+            (out_dir / "annotations" / f"panoptic_{split}.json").unlink(missing_ok=True)
+            for png in (out_dir / "annotations" / f"panoptic_{split}").glob("*.png"):
+                if re.fullmatch(r"\d{6,}\.png", png.name):
+                    png.unlink()
     try:
         for sub in (*SPLITS, "annotations"):
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -135,9 +165,12 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 
 def _write_split(image_dir: Path, split: str, split_index: int, num_images: int, seed: int,
-                 image_size: int) -> dict:
-    """Render and save the PNGs of one split; return its COCO instances dict."""
-    tasks = [(seed, split_index, image_id, image_size, image_dir / f"{image_id:06d}.png")
+                 image_size: int, panoptic_dir: Path | None) -> tuple[dict, dict | None]:
+    """Render and save the PNGs of one split; return its COCO instances dict and, when `panoptic_dir`
+    is given (stuff backgrounds), its COCO panoptic dict (PNGs written to `panoptic_dir`)."""
+    if panoptic_dir is not None:
+        panoptic_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(seed, split_index, image_id, image_size, image_dir / f"{image_id:06d}.png", panoptic_dir)
              for image_id in range(1, num_images + 1)]
     bar = dict(total=num_images, desc=f"synth {split}", unit="img")
     if num_images >= _PARALLEL_FROM and (os.cpu_count() or 1) > 1:
@@ -145,20 +178,52 @@ def _write_split(image_dir: Path, split: str, split_index: int, num_images: int,
             per_image = list(tqdm(pool.map(_render_and_save, tasks, chunksize=16), **bar))
     else:
         per_image = [_render_and_save(t) for t in tqdm(tasks, **bar)]
-    images, annotations = [], []
-    for (_, _, image_id, _, path), anns in zip(tasks, per_image):
+    images, annotations, panoptic = [], [], []
+    for (_, _, image_id, _, path, _), (anns, segments) in zip(tasks, per_image):
         images.append({"id": image_id, "file_name": path.name, "height": image_size, "width": image_size})
         for ann in anns:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
+        panoptic.append({"image_id": image_id, "file_name": path.name, "segments_info": segments})
     info = {"description": "semiseg built-in synthetic shapes", "version": "1", "split": split, "seed": seed}
-    return {"info": info, "licenses": [], "categories": CATEGORIES, "images": images, "annotations": annotations}
+    coco = {"info": info, "licenses": [], "categories": CATEGORIES, "images": images, "annotations": annotations}
+    if panoptic_dir is None:
+        return coco, None
+    categories = [{**c, "isthing": 1} for c in CATEGORIES] + [{**c, "isthing": 0} for c in STUFF_CATEGORIES]
+    return coco, {**coco, "categories": categories, "annotations": panoptic}
 
 
-def _render_and_save(task: tuple[int, int, int, int, Path]) -> list[dict]:
-    seed, split_index, image_id, image_size, path = task
-    rendered = render_synthetic_image(seed, split_index, image_id, image_size)
+def _render_and_save(task: tuple[int, int, int, int, Path, Path | None]) -> tuple[list[dict], list[dict]]:
+    """Render one image, save it (and its panoptic PNG) -> (instance annotations, panoptic segments_info)."""
+    seed, split_index, image_id, image_size, path, panoptic_dir = task
+    rendered = render_synthetic_image(seed, split_index, image_id, image_size, stuff=panoptic_dir is not None)
     Image.fromarray(rendered.image).save(path, format="PNG")
-    return rendered.annotations
+    if panoptic_dir is None:
+        return rendered.annotations, []
+    ids, segments = _panoptic_segments(rendered)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(panoptic_dir / path.name, format="PNG")
+    return rendered.annotations, segments
+
+
+def _panoptic_segments(rendered: SyntheticImage) -> tuple[np.ndarray, list[dict]]:
+    """[S, S] segment ids (objects 1..N in annotation order, then one per present stuff class) and
+    their COCO panoptic `segments_info`."""
+    size = rendered.image.shape[0]
+    ids = np.zeros((size, size), np.int64)
+    segments = []
+    regions = [(a["category_id"], decode_segmentation(a["segmentation"], size, size), a["iscrowd"])
+               for a in rendered.annotations]
+    regions += [(c["id"], rendered.stuff == k + 1, 0) for k, c in enumerate(STUFF_CATEGORIES)]
+    for category_id, mask, iscrowd in regions:
+        mask = mask & (ids == 0)
+        if not mask.any():
+            continue
+        ys, xs = np.nonzero(mask)
+        ids[mask] = len(segments) + 1
+        segments.append({"id": len(segments) + 1, "category_id": category_id, "iscrowd": int(iscrowd),
+                         "area": int(mask.sum()), "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                                           int(ys.max() - ys.min() + 1)]})
+    return ids, segments
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -194,6 +259,47 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     canvas = base * (1 - weight[..., None]) + other * weight[..., None]
     canvas += np.float32(rng.uniform(2, 10)) * rng.standard_normal((size, size, 1), dtype=np.float32)
     return canvas
+
+
+def _stuff_background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[S, S, 3] float32 canvas and [S, S] uint8 stuff map (1 sky, 2 wall, 3 floor): a wavy horizon with
+    floor below and sky or wall above (sky sometimes with a wall block); colours random for every class."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    horizon = rng.uniform(0.3, 0.7) * size + rng.uniform(0, 0.06) * size * np.sin(
+        2 * np.pi * xx / size * rng.uniform(0.5, 2) + rng.uniform(0, 2 * np.pi))
+    stuff = np.where(yy >= horizon, 3, 1 if rng.random() < 0.6 else 2).astype(np.uint8)
+    if stuff[0, 0] == 1 and rng.random() < 0.5:
+        x0, x1 = np.sort(rng.uniform(0, size, 2))
+        stuff[(xx >= x0) & (xx < x1) & (yy >= rng.uniform(0.05, 0.25) * size) & (stuff == 1)] = 2
+    canvas = np.zeros((size, size, 3), np.float32)
+    for value, texture in ((1, _sky), (2, _bricks), (3, _tiles)):
+        weight = texture(rng, xx, yy, size)
+        base = rng.uniform(0, 255, 3).astype(np.float32)
+        other = np.clip(base + rng.normal(0, 60, 3), 0, 255).astype(np.float32)
+        region = stuff == value
+        canvas[region] = (base * (1 - weight[..., None]) + other * weight[..., None])[region]
+    canvas += np.float32(rng.uniform(2, 8)) * rng.standard_normal((size, size, 1), dtype=np.float32)
+    return canvas, stuff
+
+
+def _sky(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: int) -> np.ndarray:
+    """A smooth vertical gradient."""
+    return np.clip(yy / size * rng.uniform(0.8, 1.6), 0, 1)
+
+
+def _bricks(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: int) -> np.ndarray:
+    """Brick courses: dark mortar lines, every other course shifted by half a brick."""
+    height, width = rng.uniform(5, 9) * size / 128, rng.uniform(12, 20) * size / 128
+    course = np.floor(yy / height)
+    shifted = xx + (course % 2) * width / 2
+    mortar = ((yy % height) < 1.2) | ((shifted % width) < 1.2)
+    return mortar.astype(np.float32)
+
+
+def _tiles(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: int) -> np.ndarray:
+    """An axis-aligned checker of square tiles."""
+    cell = rng.uniform(7, 14) * size / 128
+    return ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float32)
 
 
 def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray) -> None:

@@ -1,4 +1,6 @@
-"""COCO evaluation of a model: the loop the trainer runs and the `semiseg eval` command.
+"""Evaluation of a model: the loop the trainer runs and the `semiseg eval` command.
+
+The evaluator follows `model.task`: COCO mask and box AP (instance), PQ (panoptic), mIoU (semantic).
 
 `semiseg eval --who student|teacher|both` picks the models of a checkpoint: a semi-supervised
 checkpoint folder holds `student.safetensors` and `teacher.safetensors`; a supervised one holds a
@@ -25,18 +27,24 @@ from semiseg.engine.distributed import (broadcast_object, destroy_distributed, g
                                         init_distributed, is_main_process, select_device, limit_cpu_threads)
 from semiseg.errors import CheckpointError, ConfigError
 from semiseg.evaluation import CocoEvaluator, format_metrics
+from semiseg.panoptic_quality import PanopticEvaluator
+from semiseg.semantic_metrics import SemanticEvaluator
 from semiseg.restore import load_trained_model
 from semiseg.weights import atomic_write, read_weights
 
 WHO = {"student": ("student",), "teacher": ("teacher",), "both": ("student", "teacher")}
 
 
-@torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluator, device: torch.device,
-                   amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """COCO metrics of `model` on `loader` (this rank's shard; predictions gathered to rank 0).
+Evaluator = CocoEvaluator | PanopticEvaluator | SemanticEvaluator
 
-    Returns {"segm": {"AP", ...}, "bbox": {...}}, the same on every rank. The model is put in eval
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: Evaluator, device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The metrics of `model` on `loader` (this rank's shard; predictions gathered to rank 0).
+
+    Returns {"segm": {"AP", ...}, "bbox": {...}} (instance), {"panoptic": {"PQ", ...}} or
+    {"sem_seg": {"mIoU", ...}}, the same on every rank. The model is put in eval
     mode and restored to its previous mode afterwards.
     """
     evaluator.reset()
@@ -47,8 +55,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluato
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 outputs = model(batch.images.to(device), batch.image_sizes)
             predictions = model.predict(outputs, batch.image_sizes, batch.orig_sizes)
-            for image_id, instances in zip(batch.image_ids, predictions):
-                evaluator.add(image_id, instances.to("cpu"))
+            for image_id, prediction in zip(batch.image_ids, predictions):
+                evaluator.add(image_id, prediction.to("cpu"))
     finally:
         model.train(was_training)
     evaluator.gather()
@@ -56,17 +64,21 @@ def evaluate_model(model: nn.Module, loader: DataLoader, evaluator: CocoEvaluato
 
 
 def build_eval_data(cfg: Config, ann: Path, images: Path, class_names: list[str] | None = None
-                    ) -> tuple[DataLoader, CocoEvaluator]:
+                    ) -> tuple[DataLoader, Evaluator]:
     """This rank's loader over a labeled dataset (`data.format`) with the config's test resize, and the
-    evaluator of its ground truth; checks the class list."""
+    evaluator of `model.task` for its ground truth; checks the class list."""
     records = read_labeled(cfg.data.format, ann, images, strict=cfg.data.strict,
-                           allow_outside_root=cfg.data.allow_outside_root)
+                           allow_outside_root=cfg.data.allow_outside_root, task=cfg.model.task)
     if class_names and records.class_names != list(class_names):
         raise ConfigError(f"{ann}: its categories {records.class_names[:5]}... differ from the model's classes "
                           f"{list(class_names)[:5]}... (evaluate on a dataset with the training categories)")
     dataset = EvalDataset(records, cfg.data.augmentation.test_transform())
     loader = build_eval_loader(dataset, batch_size=1, num_workers=cfg.data.num_workers, rank=get_rank(),
                                world_size=get_world_size(), size_divisibility=cfg.model.head.size_divisibility)
+    if cfg.model.task == "panoptic":
+        return loader, PanopticEvaluator(records)
+    if cfg.model.task == "semantic":
+        return loader, SemanticEvaluator(records)
     return loader, CocoEvaluator(coco_ground_truth(cfg.data.format, ann, records), source=str(ann))
 
 

@@ -38,7 +38,7 @@ from semiseg.engine.preemption import PreemptionFlag, TrainingPreempted, catch_p
 from semiseg.engine.run_dir import RunDir
 from semiseg.engine.stream import BatchStream
 from semiseg.errors import TrainingError
-from semiseg.evaluation import format_metrics
+from semiseg.evaluation import BEST_METRIC, format_metrics
 from semiseg.structures import Batch
 from semiseg.weights import WeightsInfo, load_weights_into, read_weights
 
@@ -284,6 +284,7 @@ class Trainer:
             results[name] = self.evaluate_fn(model)
             model.train()
         key = self.cfg.train.best_metric
+        key = BEST_METRIC[self.cfg.model.task] if key == "auto" else key
         value = metric_value(next(iter(results.values())), key)
         improved = value is not None and (self.best_metric is None or value > self.best_metric)
         if improved:

@@ -16,6 +16,8 @@ from semiseg.structures import Instances
 def resize_mask_logits(mask_logits: torch.Tensor, padded_size: tuple[int, int], image_size: tuple[int, int],
                        orig_size: tuple[int, int]) -> torch.Tensor:
     """[N, h, w] logits on the padded canvas -> [N, orig_h, orig_w] logits of the original image."""
+    if mask_logits.shape[0] == 0:
+        return mask_logits.new_zeros(0, *orig_size)
     x = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)
     x = x[:, :, : image_size[0], : image_size[1]]
     return F.interpolate(x, size=orig_size, mode="bilinear", align_corners=False)[0]
