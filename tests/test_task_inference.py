@@ -97,7 +97,7 @@ def test_predict_returns_the_task_type(arch, task):
     if task == "panoptic":
         model.task = dataclasses.replace(model.task, object_mask_threshold=1.0)  # nothing kept: all void
         with torch.no_grad():
-            (nothing,) = model.predict(model(images[:1], [(64, 64)]), [(64, 64)], [(64, 64)])
+            (nothing,) = model.predict(model(images, [(64, 64)] * 2), [(64, 64)] * 2, [(64, 64)] * 2)[:1]
         assert nothing.segments == [] and not nothing.segment_ids.any()
         assert results[1].segment_ids.shape == (96, 120)
         ids = set(results[1].segment_ids.unique().tolist()) - {0}
