@@ -31,19 +31,22 @@ from semiseg.engine.distributed import select_device
 from semiseg.errors import ConfigError, DataError
 from semiseg.export import OnnxRuntimeForward, export_onnx
 from semiseg.restore import load_trained_model
-from semiseg.structures import Instances
+from semiseg.structures import Instances, PanopticSegmentation
 from semiseg.visualize import save_overlay
 from semiseg.weights import atomic_write
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+Prediction = Union[Instances, PanopticSegmentation, torch.Tensor]  # by task: instance, panoptic, semantic
 BACKENDS = ("pytorch", "onnxruntime")
 
 
 class Predictor:
     """A model ready for inference, with its class names.
 
-    predict(image) -> Instances at the image's original size: labels [N], masks [N, H, W] bool,
-    boxes [N, 4] xyxy pixels, scores [N] (all kept; filter by score as needed), on the CPU.
+    predict(image) -> at the image's original size, on the CPU, by the model's task (`cfg.model.task`):
+    instance: Instances: labels [N], masks [N, H, W] bool, boxes [N, 4] xyxy pixels, scores [N] (all
+    kept; filter by score as needed); panoptic: PanopticSegmentation (segment_ids [H, W], segments);
+    semantic: a [H, W] long class map.
     forward: what computes the network's outputs, `model` itself or an `OnnxRuntimeForward`.
     """
 
@@ -55,13 +58,13 @@ class Predictor:
         self.transform = cfg.data.augmentation.test_transform()
 
     @torch.no_grad()
-    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Instances | list[Instances]:
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
         """One image (path, PIL image or uint8 [H, W, 3] RGB array) or a list of them."""
         if isinstance(images, (list, tuple)):
             return [self._predict_one(image) for image in images]
         return self._predict_one(images)
 
-    def _predict_one(self, image: ImageInput) -> Instances:
+    def _predict_one(self, image: ImageInput) -> Prediction:
         array = as_rgb_array(image)
         tensor = torch.tensor(array).permute(2, 0, 1).contiguous()
         resized = self.transform.image_only(tensor, np.random.default_rng(0))
@@ -142,11 +145,16 @@ def expand_image_paths(inputs: Sequence[Path | str]) -> list[Path]:
 def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: Path | str,
                    score_threshold: float = 0.5, device: str | None = None, config: Path | str | None = None,
                    backend: str = "pytorch", onnx: Path | str | None = None, compile: str = "none") -> Path:
-    """`semiseg predict`: an overlay PNG per image and `predictions.json` (COCO results) in `out_dir`.
+    """`semiseg predict`: an overlay PNG per image and `predictions.json` in `out_dir`, by the model's task:
 
-    config: the model's YAML config, for weights that embed none (as `load`); backend, onnx, compile: as `load`.
-    The json keeps every prediction with its `file_name` (the threshold only affects the overlays)
-    and dataset category ids. An existing `predictions.json` is never overwritten (DataError).
+    - instance: the json holds COCO results (every prediction with its `file_name`, dataset category
+      ids; the threshold only affects the overlays);
+    - panoptic: `panoptic/<name>.png` (segment id = R + 256 G + 256^2 B) and a COCO panoptic style json
+      (`annotations`: file_name, image, segments_info with id, category_id, isthing, score; `categories`);
+    - semantic: `semantic/<name>.png` (8- or 16-bit contiguous class ids) and a json of the classes.
+
+    config: the model's YAML config, for weights that embed none (as `load`); backend, onnx, compile: as
+    `load`. An existing `predictions.json` is never overwritten (DataError).
     """
     out_dir = Path(out_dir)
     results_path = out_dir / "predictions.json"
@@ -154,21 +162,65 @@ def predict_to_dir(images: Sequence[Path | str], weights: Path | str, out_dir: P
         raise DataError(f"{results_path} already exists: choose another --out or remove it")
     paths = expand_image_paths(images)
     predictor = load(weights, device, config, backend, onnx, compile)
+    task = predictor.cfg.model.task
     out_dir.mkdir(parents=True, exist_ok=True)
     results, used = [], set()
     for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", dynamic_ncols=True), start=1):
         array = read_image(path)
-        instances = predictor.predict(array)
+        prediction = predictor.predict(array)
         name = path.stem
         while name in used:
             name += "_"
         used.add(name)
-        save_overlay(out_dir / f"{name}.png", array, instances, predictor.class_names, score_threshold)
-        results += coco_results(instances, image_id, str(path), predictor.category_ids)
-    text = json.dumps(results)
+        save_overlay(out_dir / f"{name}.png", array, as_instances(prediction), predictor.class_names,
+                     score_threshold if task == "instance" else 0.0, show_boxes=task == "instance")
+        if task == "instance":
+            results += coco_results(prediction, image_id, str(path), predictor.category_ids)
+        elif task == "panoptic":
+            results.append(_save_panoptic(prediction, out_dir / "panoptic" / f"{name}.png", path, predictor))
+        else:
+            _save_label_map(prediction, out_dir / "semantic" / f"{name}.png", len(predictor.class_names))
+    categories = [{"id": c, "name": n} for c, n in zip(predictor.category_ids, predictor.class_names)]
+    content = {"instance": results, "panoptic": {"annotations": results, "categories": categories},
+               "semantic": {"classes": [{"value": k, **c} for k, c in enumerate(categories)],
+                            "images": [str(p) for p in paths]}}[task]
+    text = json.dumps(content)
     atomic_write(results_path, lambda tmp: tmp.write_text(text))
-    print(f"semiseg: {len(paths)} overlays and {results_path} ({len(results)} instances)")
+    print(f"semiseg: {len(paths)} overlays and {results_path} ({task})")
     return out_dir
+
+
+def as_instances(prediction: Instances | PanopticSegmentation | torch.Tensor) -> Instances:
+    """Any task's prediction as Instances (for overlays): panoptic: one per segment; semantic: one per
+    present class (score 1)."""
+    if isinstance(prediction, Instances):
+        return prediction
+    if isinstance(prediction, PanopticSegmentation):
+        ids = prediction.segment_ids
+        masks = torch.stack([ids == s.id for s in prediction.segments]) if prediction.segments else \
+            torch.zeros(0, *ids.shape, dtype=torch.bool)
+        return Instances.from_masks(torch.tensor([s.label for s in prediction.segments], dtype=torch.long), masks,
+                                    scores=torch.tensor([s.score for s in prediction.segments]))
+    labels = prediction.unique()
+    return Instances.from_masks(labels, prediction[None] == labels[:, None, None], scores=torch.ones(len(labels)))
+
+
+def _save_panoptic(prediction: PanopticSegmentation, png: Path, image: Path, predictor: Predictor) -> dict:
+    """Write the id map as a COCO panoptic PNG; its json entry."""
+    ids = prediction.segment_ids.numpy().astype(np.int64)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(png)
+    segments = [{"id": s.id, "category_id": predictor.category_ids[s.label], "isthing": int(s.is_thing),
+                 "score": s.score} for s in prediction.segments]
+    return {"file_name": png.name, "image": str(image), "segments_info": segments}
+
+
+def _save_label_map(prediction: torch.Tensor, png: Path, num_classes: int) -> None:
+    """Write a [H, W] class map as an 8-bit (or, above 256 classes, 16-bit) PNG."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    array = prediction.numpy()
+    Image.fromarray(array.astype(np.uint8) if num_classes <= 256 else array.astype(np.uint16)).save(png)
 
 
 def coco_results(instances: Instances, image_id: int, file_name: str, category_ids: list[int]) -> list[dict]:

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("predict", help="instance masks for images: overlays + COCO results json")
+    p = sub.add_parser("predict", help="segment images (the model's task): overlays + a json (+ panoptic / semantic PNGs)")
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
