@@ -32,7 +32,7 @@ SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six COCO
 # every metric group an evaluation can report (instance: segm + bbox; panoptic; semantic) and its summary keys
 METRIC_GROUPS = {"segm": SUMMARY_KEYS, "bbox": SUMMARY_KEYS,
                  "panoptic": ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"),
-                 "sem_seg": ("mIoU", "fwIoU", "mACC", "pACC")}
+                 "sem_seg": ("mIoU", "fwIoU", "mACC", "pACC"), "cityscapes": ("AP", "AP50")}
 BEST_METRIC = {"instance": "segm.AP", "panoptic": "panoptic.PQ", "semantic": "sem_seg.mIoU"}  # train.best_metric: auto
 
 

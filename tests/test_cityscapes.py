@@ -1,6 +1,7 @@
 """Cityscapes in its downloaded layout (`data.format: cityscapes`): a tiny fixture with two cities,
 instances, a crowd ("car group") region, stuff and a not-evaluated thing class; the records, the
-COCO ground truth built from them, one-line errors, and training + evaluation end to end."""
+COCO ground truth built from them, the official Cityscapes AP (cityscapesscripts) beside COCO AP,
+one-line errors, and training + evaluation end to end."""
 import numpy as np
 import pytest
 import torch
@@ -75,8 +76,18 @@ def test_ground_truth_predictions_score_100(cityscapes):
                                      "data.augmentation.test_max_size=128", "data.num_workers=0"])
     records = load_cityscapes_instances(gt, images)
     loader, evaluator = build_eval_data(cfg, gt, images, records.class_names)
-    metrics = evaluate_model(GroundTruthOracle(records), loader, evaluator, torch.device("cpu"))
+    oracle = GroundTruthOracle(records)
+    metrics = evaluate_model(oracle, loader, evaluator, torch.device("cpu"))
     assert metrics["segm"]["AP"] == pytest.approx(100.0)
+    assert metrics["cityscapes"]["AP"] == pytest.approx(100.0) and metrics["cityscapes"]["AP50"] == pytest.approx(100.0)
+    assert metrics["cityscapes"]["per_class"]["car"] == pytest.approx(100.0)
+    for key, instances in oracle.table.items():  # drop every image's first person: both APs fall, AP50 too
+        person = (instances.labels == 0).nonzero()[0]
+        oracle.table[key] = instances[torch.arange(len(instances)) != person]
+    metrics = evaluate_model(oracle, loader, evaluator, torch.device("cpu"))
+    assert metrics["cityscapes"]["per_class"]["person"] == pytest.approx(50.0)
+    assert metrics["cityscapes"]["per_class"]["car"] == pytest.approx(100.0)
+    assert metrics["segm"]["per_class"]["person"] < 100
 
 
 def test_training_and_evaluation_read_the_cityscapes_layout(cityscapes, tmp_path):

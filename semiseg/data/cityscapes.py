@@ -7,7 +7,7 @@ truck, bus, train, motorcycle and bicycle (label ids 24-28, 31-33). Their instan
 annotations; their pixels without an instance (label id < 1000, e.g. "car group") become crowd
 regions (ignored in training, as COCO crowds in evaluation); every other label (stuff, and the
 things not evaluated: caravan, trailer) is background. Category ids are the Cityscapes label ids.
-Metrics are COCO AP on these masks (the official Cityscapes AP is a separate evaluator).
+Evaluation reports COCO AP on these masks and the official Cityscapes AP (`cityscapes_evaluation.py`).
 """
 from __future__ import annotations
 
@@ -33,9 +33,7 @@ def load_cityscapes_instances(gt_dir: Path, image_dir: Path) -> DatasetRecords:
     gt_dir, image_dir = Path(gt_dir), Path(image_dir)
     if not gt_dir.is_dir():
         raise DataError(f"{gt_dir}: no such folder (expected Cityscapes gtFine/<split>)")
-    gt_files = sorted(gt_dir.rglob(f"*{GT_SUFFIX}"))
-    if not gt_files:
-        raise DataError(f"{gt_dir}: no *{GT_SUFFIX} files (expected gtFine/<split>/<city>/...)")
+    gt_files = instance_id_files(gt_dir)
     labels = {label_id: index for index, label_id in enumerate(THING_CLASSES)}
     records = []
     for image_id, gt_file in enumerate(gt_files, start=1):
@@ -47,6 +45,14 @@ def load_cityscapes_instances(gt_dir: Path, image_dir: Path) -> DatasetRecords:
         records.append(ImageRecord(image, image_id, int(ids.shape[0]), int(ids.shape[1]),
                                    instance_annotations(ids, labels, gt_file)))
     return DatasetRecords(records, list(THING_CLASSES.values()), list(THING_CLASSES), gt_dir)
+
+
+def instance_id_files(gt_dir: Path) -> list[Path]:
+    """The `*_gtFine_instanceIds.png` under `gt_dir`, sorted: image id i + 1 is the i-th."""
+    gt_files = sorted(Path(gt_dir).rglob(f"*{GT_SUFFIX}"))
+    if not gt_files:
+        raise DataError(f"{gt_dir}: no *{GT_SUFFIX} files (expected gtFine/<split>/<city>/...)")
+    return gt_files
 
 
 def records_to_coco(dataset: DatasetRecords) -> dict:

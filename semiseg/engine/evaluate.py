@@ -9,7 +9,9 @@ evaluated as it is.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,11 +28,15 @@ from semiseg.engine.checkpoint import weights_file
 from semiseg.engine.distributed import (broadcast_object, destroy_distributed, get_rank, get_world_size,
                                         init_distributed, is_main_process, select_device, limit_cpu_threads)
 from semiseg.errors import CheckpointError, ConfigError
+from semiseg.cityscapes_evaluation import CityscapesEvaluator
+from semiseg.data.cityscapes import instance_id_files, records_to_coco
 from semiseg.evaluation import CocoEvaluator, format_metrics
 from semiseg.panoptic_quality import PanopticEvaluator
 from semiseg.semantic_metrics import SemanticEvaluator
 from semiseg.restore import load_trained_model
 from semiseg.weights import atomic_write, read_weights
+
+logger = logging.getLogger(__name__)
 
 WHO = {"student": ("student",), "teacher": ("teacher",), "both": ("student", "teacher")}
 
@@ -79,6 +85,12 @@ def build_eval_data(cfg: Config, ann: Path, images: Path, class_names: list[str]
         return loader, PanopticEvaluator(records)
     if cfg.model.task == "semantic":
         return loader, SemanticEvaluator(records)
+    if cfg.data.format == "cityscapes":
+        if importlib.util.find_spec("cityscapesscripts") is not None:
+            gt_files = dict(enumerate(instance_id_files(ann), start=1))
+            return loader, CityscapesEvaluator(records_to_coco(records), gt_files, source=str(ann))
+        logger.warning("cityscapesscripts is not installed: COCO AP only (pip install 'semiseg[cityscapes]' "
+                       "for the official Cityscapes AP)")
     return loader, CocoEvaluator(coco_ground_truth(cfg.data.format, ann, records), source=str(ann))
 
 
