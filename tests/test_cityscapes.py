@@ -123,3 +123,27 @@ def test_bad_input_is_a_one_line_error_naming_the_file(tmp_path, breakage, messa
     with pytest.raises(DataError, match=message) as error:
         load_cityscapes_instances(gt, images)
     assert "\n" not in str(error.value)
+
+
+def test_panoptic_and_semantic_tasks_use_the_19_train_classes(cityscapes):
+    from test_coco_panoptic import TruthOracle
+
+    from semiseg.data.cityscapes import TRAIN_CLASSES
+    from semiseg.data.readers import read_labeled
+
+    gt, images = cityscapes
+    panoptic = read_labeled("cityscapes", gt, images, task="panoptic")
+    assert panoptic.class_names == list(TRAIN_CLASSES.values()) and panoptic.stuff_classes == tuple(range(11))
+    first = panoptic.records[0]
+    kinds = sorted((panoptic.class_names[a.label], a.iscrowd) for a in first.annotations)
+    assert kinds == [("car", False), ("car", True), ("person", False), ("person", False), ("road", False)]
+    road = next(a for a in first.annotations if panoptic.class_names[a.label] == "road")
+    assert decode_segmentation(road.segmentation, H, W).sum() == (instance_map(0) == 7).sum()  # caravan: void
+    semantic = read_labeled("cityscapes", gt, images, task="semantic")
+    assert sorted(semantic.class_names[a.label] for a in semantic.records[0].annotations) == ["car", "person", "road"]
+    for task, records, key in (("panoptic", panoptic, ("panoptic", "PQ")), ("semantic", semantic, ("sem_seg", "mIoU"))):
+        cfg = apply_overrides(Config(), ["data.format=cityscapes", f"model.task={task}", "data.num_workers=0",
+                                         "data.augmentation.test_short_edge=64", "data.augmentation.test_max_size=128"])
+        loader, evaluator = build_eval_data(cfg, gt, images, records.class_names)
+        metrics = evaluate_model(TruthOracle(records, task), loader, evaluator, torch.device("cpu"))
+        assert metrics[key[0]][key[1]] == pytest.approx(100.0)

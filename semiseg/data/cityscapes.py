@@ -1,5 +1,5 @@
-"""Cityscapes instance segmentation as downloaded: `gtFine/{split}/{city}/*_gtFine_instanceIds.png`
-beside `leftImg8bit/{split}/{city}/*_leftImg8bit.png`.
+"""Cityscapes as downloaded: `gtFine/{split}/{city}/*_gtFine_instanceIds.png` beside
+`leftImg8bit/{split}/{city}/*_leftImg8bit.png`, for the instance, panoptic and semantic tasks.
 
 In an instanceIds PNG a pixel value v >= 1000 is instance v % 1000 of the label id v // 1000; a value
 below 1000 is a label id without instances. The 8 evaluated thing classes are person, rider, car,
@@ -8,6 +8,11 @@ annotations; their pixels without an instance (label id < 1000, e.g. "car group"
 regions (ignored in training, as COCO crowds in evaluation); every other label (stuff, and the
 things not evaluated: caravan, trailer) is background. Category ids are the Cityscapes label ids.
 Evaluation reports COCO AP on these masks and the official Cityscapes AP (`cityscapes_evaluation.py`).
+
+Panoptic and semantic tasks use the 19 evaluated classes (the train ids: 11 stuff classes road ..
+sky, then the 8 things), read from the same file: a stuff class is one segment per image, thing
+pixels without an instance are crowd; every other label (void, license plate, caravan, ...) is void
+(255 in semantic evaluation). The semantic task merges each class's segments (`readers.py`).
 """
 from __future__ import annotations
 
@@ -22,19 +27,24 @@ from semiseg.errors import DataError
 
 THING_CLASSES = {24: "person", 25: "rider", 26: "car", 27: "truck", 28: "bus", 31: "train", 32: "motorcycle",
                  33: "bicycle"}
+STUFF_CLASSES = {7: "road", 8: "sidewalk", 11: "building", 12: "wall", 13: "fence", 17: "pole",
+                 19: "traffic light", 20: "traffic sign", 21: "vegetation", 22: "terrain", 23: "sky"}
+TRAIN_CLASSES = {**STUFF_CLASSES, **THING_CLASSES}  # label id -> name, in train-id order 0..18
 MAX_LABEL_ID = 33  # label ids are -1 (license plate) .. 33
 GT_SUFFIX = "_gtFine_instanceIds.png"
 IMAGE_SUFFIX = "_leftImg8bit.png"
 
 
-def load_cityscapes_instances(gt_dir: Path, image_dir: Path) -> DatasetRecords:
+def load_cityscapes_instances(gt_dir: Path, image_dir: Path, task: str = "instance") -> DatasetRecords:
     """Records of every `*_gtFine_instanceIds.png` under `gt_dir` (e.g. gtFine/train), their images
-    under `image_dir` (leftImg8bit/train) at the same city/name; DataError naming the file otherwise."""
+    under `image_dir` (leftImg8bit/train) at the same city/name; DataError naming the file otherwise.
+    task "instance": the 8 thing classes; "panoptic" / "semantic": the 19 train classes (11 stuff)."""
     gt_dir, image_dir = Path(gt_dir), Path(image_dir)
     if not gt_dir.is_dir():
         raise DataError(f"{gt_dir}: no such folder (expected Cityscapes gtFine/<split>)")
     gt_files = instance_id_files(gt_dir)
-    labels = {label_id: index for index, label_id in enumerate(THING_CLASSES)}
+    classes = THING_CLASSES if task == "instance" else TRAIN_CLASSES
+    labels = {label_id: index for index, label_id in enumerate(classes)}
     records = []
     for image_id, gt_file in enumerate(gt_files, start=1):
         relative = gt_file.relative_to(gt_dir)
@@ -44,7 +54,8 @@ def load_cityscapes_instances(gt_dir: Path, image_dir: Path) -> DatasetRecords:
         ids = read_instance_ids(gt_file)
         records.append(ImageRecord(image, image_id, int(ids.shape[0]), int(ids.shape[1]),
                                    instance_annotations(ids, labels, gt_file)))
-    return DatasetRecords(records, list(THING_CLASSES.values()), list(THING_CLASSES), gt_dir)
+    stuff = tuple(labels[i] for i in STUFF_CLASSES if i in labels)
+    return DatasetRecords(records, list(classes.values()), list(classes), gt_dir, stuff)
 
 
 def instance_id_files(gt_dir: Path) -> list[Path]:
@@ -82,7 +93,9 @@ def read_instance_ids(path: Path) -> np.ndarray:
 
 
 def instance_annotations(ids: np.ndarray, labels: dict[int, int], source: Path) -> list[Annotation]:
-    """Annotations of one instanceIds map (`labels`: Cityscapes label id -> contiguous class)."""
+    """Annotations of one instanceIds map (`labels`: Cityscapes label id -> contiguous class): one per
+    instance, and one per value below 1000 of a class in `labels` (crowd for things, the segment of a
+    stuff class)."""
     annotations = []
     for value in np.unique(ids).tolist():
         label_id = value // 1000 if value >= 1000 else value
@@ -90,5 +103,6 @@ def instance_annotations(ids: np.ndarray, labels: dict[int, int], source: Path) 
             raise DataError(f"{source}: pixel value {value} is not a Cityscapes id (label id {label_id} "
                             f"outside -1..{MAX_LABEL_ID})")
         if label_id in labels:
-            annotations.append(Annotation(labels[label_id], encode_rle(ids == value), iscrowd=value < 1000))
+            crowd = value < 1000 and label_id in THING_CLASSES
+            annotations.append(Annotation(labels[label_id], encode_rle(ids == value), iscrowd=crowd))
     return annotations

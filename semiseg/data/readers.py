@@ -28,7 +28,7 @@ def read_labeled(data_format: str, ann: Path, images: Path, strict: bool = False
                  allow_outside_root: bool = False, task: str = "instance") -> DatasetRecords:
     """The records of a labeled dataset in `data_format` for `task` (`strict`: COCO instances only)."""
     if data_format == "cityscapes":
-        records = load_cityscapes_instances(Path(ann), Path(images))
+        records = load_cityscapes_instances(Path(ann), Path(images), task)
     elif data_format == "coco_panoptic":
         records = load_coco_panoptic(Path(ann), Path(images), allow_outside_root=allow_outside_root)
     else:
