@@ -98,7 +98,8 @@ class DataConfig:
 
     format:                 "coco" (train_ann / val_ann are COCO instances jsons), "coco_panoptic" (COCO
                             panoptic jsons, their PNGs in the folder of the same name) or "cityscapes"
-                            (they are gtFine/<split> folders, the images leftImg8bit/<split>)
+                            (they are gtFine/<split> folders, the images leftImg8bit/<split>) or
+                            "ade20k" (ADEChallengeData2016 annotations/<split>, images/<split>; semantic)
     train_ann/train_images: labeled COCO instances json and its image folder
     val_ann/val_images:     validation set (evaluated every `train.eval_period` iterations)
     unlabeled:              image folder or image-list json of unlabeled images (semi-supervised runs)
@@ -114,7 +115,7 @@ class DataConfig:
                             absolute paths); off by default so a dataset file cannot point anywhere
     """
 
-    format: Literal["coco", "coco_panoptic", "cityscapes"] = "coco"
+    format: Literal["coco", "coco_panoptic", "cityscapes", "ade20k"] = "coco"
     train_ann: Path | None = None
     train_images: Path | None = None
     val_ann: Path | None = None

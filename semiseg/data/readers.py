@@ -3,6 +3,8 @@
     coco:          `ann` is a COCO instances json, `images` its image folder
     coco_panoptic: `ann` is a COCO panoptic json (PNGs in the folder of the same name), `images` its images
     cityscapes:    `ann` is a Cityscapes `gtFine/<split>` folder, `images` the matching `leftImg8bit/<split>`
+    ade20k:        `ann` is ADEChallengeData2016's `annotations/<split>` folder, `images` its `images/<split>`
+                   (semantic task only)
 
 For the semantic task the annotations of a class are merged into one per image (crowds included):
 semantic segmentation is one mask per present class, as in the references.
@@ -15,18 +17,23 @@ from typing import Any
 
 import numpy as np
 
+from semiseg.data.ade20k import load_ade20k_semantic
 from semiseg.data.cityscapes import load_cityscapes_instances, records_to_coco
 from semiseg.data.coco import load_coco_instances, read_json
 from semiseg.data.coco_panoptic import load_coco_panoptic
 from semiseg.data.masks import decode_segmentation, encode_rle
 from semiseg.data.records import Annotation, DatasetRecords
-
-FORMATS = ("coco", "coco_panoptic", "cityscapes")
+from semiseg.errors import ConfigError
 
 
 def read_labeled(data_format: str, ann: Path, images: Path, strict: bool = False,
                  allow_outside_root: bool = False, task: str = "instance") -> DatasetRecords:
     """The records of a labeled dataset in `data_format` for `task` (`strict`: COCO instances only)."""
+    if data_format == "ade20k":
+        if task != "semantic":
+            raise ConfigError(f"data.format=ade20k holds semantic labels only, not model.task={task}; ADE20K "
+                              "panoptic / instance files are read with data.format=coco_panoptic / coco")
+        return load_ade20k_semantic(Path(ann), Path(images))
     if data_format == "cityscapes":
         records = load_cityscapes_instances(Path(ann), Path(images), task)
     elif data_format == "coco_panoptic":
