@@ -101,6 +101,8 @@ class DataConfig:
                             (they are gtFine/<split> folders, the images leftImg8bit/<split>) or
                             "ade20k" (ADEChallengeData2016 annotations/<split>, images/<split>; semantic)
     train_ann/train_images: labeled COCO instances json and its image folder
+    train_list:             optional split list: train only on the images it names, one per line (image file
+                            names, or Guided Distillation's Cityscapes `perc_*.txt` of instanceIds names)
     val_ann/val_images:     validation set (evaluated every `train.eval_period` iterations)
     unlabeled:              image folder or image-list json of unlabeled images (semi-supervised runs)
     unlabeled_images:       image root for the file names of an `unlabeled` json
@@ -118,6 +120,7 @@ class DataConfig:
     format: Literal["coco", "coco_panoptic", "cityscapes", "ade20k"] = "coco"
     train_ann: Path | None = None
     train_images: Path | None = None
+    train_list: Path | None = None
     val_ann: Path | None = None
     val_images: Path | None = None
     unlabeled: Path | None = None

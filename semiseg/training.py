@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from semiseg.config import Config, save_config
-from semiseg.data.readers import read_labeled
+from semiseg.data.readers import read_labeled, select_listed
 from semiseg.data.records import DatasetRecords
 from semiseg.engine.distributed import (broadcast_object, collective, destroy_distributed, get_rank, get_world_size,
                                         init_distributed, is_main_process, limit_cpu_threads, seed_everything, select_device)
@@ -65,6 +65,8 @@ def build_trainer(cfg: Config, device: torch.device, resume: bool | str) -> Trai
     records = collective(lambda: read_labeled(data.format, data.train_ann, data.train_images, strict=data.strict,
                                               allow_outside_root=data.allow_outside_root,
                                               task=cfg.model.task))
+    if data.train_list is not None:
+        records = select_listed(records, data.train_list)
     cfg = with_num_classes(cfg, records)
     if is_main_process():
         if data.unlabeled is not None and not cfg.semi.enabled:

@@ -147,3 +147,23 @@ def test_panoptic_and_semantic_tasks_use_the_19_train_classes(cityscapes):
         loader, evaluator = build_eval_data(cfg, gt, images, records.class_names)
         metrics = evaluate_model(TruthOracle(records, task), loader, evaluator, torch.device("cpu"))
         assert metrics[key[0]][key[1]] == pytest.approx(100.0)
+
+
+def test_split_lists_select_the_labeled_images(cityscapes, tmp_path):
+    from semiseg.data.readers import select_listed
+
+    gt, images = cityscapes
+    records = load_cityscapes_instances(gt, images)
+    listed = tmp_path / "perc_50.txt"
+    listed.write_text("bonn_000001_000019_gtFine_instanceIds.png\naachen_000000_000019_gtFine_instanceIds.png\n")
+    chosen = select_listed(records, listed)
+    assert [r.file_name.name for r in chosen.records] == ["bonn_000001_000019_leftImg8bit.png",
+                                                         "aachen_000000_000019_leftImg8bit.png"]
+    listed.write_text("bonn_000009_000019_gtFine_instanceIds.png\n")
+    with pytest.raises(DataError, match=r"perc_50.txt: 1 listed image\(s\) not in .*, e.g. bonn_000009"):
+        select_listed(records, listed)
+    listed.write_text("aachen_000001_000019_gtFine_instanceIds.png\n")
+    run = train(apply_overrides(Config(), TINY + [
+        "data.format=cityscapes", f"data.train_ann={gt}", f"data.train_images={images}", f"data.train_list={listed}",
+        f"train.output_dir={tmp_path / 'run'}", "solver.max_iter=1"]))
+    assert "1 images" in (run / "log.txt").read_text()

@@ -23,7 +23,7 @@ from semiseg.data.coco import load_coco_instances, read_json
 from semiseg.data.coco_panoptic import load_coco_panoptic
 from semiseg.data.masks import decode_segmentation, encode_rle
 from semiseg.data.records import Annotation, DatasetRecords
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, DataError
 
 
 def read_labeled(data_format: str, ann: Path, images: Path, strict: bool = False,
@@ -41,6 +41,31 @@ def read_labeled(data_format: str, ann: Path, images: Path, strict: bool = False
     else:
         records = load_coco_instances(Path(ann), Path(images), strict=strict, allow_outside_root=allow_outside_root)
     return merged_by_class(records) if task == "semantic" else records
+
+
+def select_listed(dataset: DatasetRecords, list_file: Path) -> DatasetRecords:
+    """Only the images a split list names, one per line, in the list's order: an image file name, or a
+    Cityscapes frame as Guided Distillation's `perc_*.txt` list them (`<city>_<seq>_<frame>_gtFine_instanceIds.png`,
+    matched to `<city>_<seq>_<frame>_leftImg8bit.png`). A name without an image is a DataError."""
+    try:
+        names = [line.strip() for line in Path(list_file).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{list_file}: cannot read the split list ({e})") from None
+    by_key = {_frame_key(r.file_name.name): r for r in dataset.records}
+    missing = [n for n in names if _frame_key(Path(n).name) not in by_key]
+    if missing:
+        raise DataError(f"{list_file}: {len(missing)} listed image(s) not in {dataset.source}, e.g. {missing[0]}")
+    if not names:
+        raise DataError(f"{list_file}: the split list is empty")
+    return dataclasses.replace(dataset, records=[by_key[_frame_key(Path(n).name)] for n in dict.fromkeys(names)])
+
+
+def _frame_key(name: str) -> str:
+    """A Cityscapes file name without its `_gtFine_*` / `_leftImg8bit` part; any other name as it is."""
+    for marker in ("_gtFine_", "_leftImg8bit"):
+        if marker in name:
+            return name[:name.index(marker)]
+    return name
 
 
 def merged_by_class(dataset: DatasetRecords) -> DatasetRecords:

@@ -38,7 +38,7 @@ from semiseg.engine.preemption import PreemptionFlag, TrainingPreempted, catch_p
 from semiseg.engine.run_dir import RunDir
 from semiseg.engine.stream import BatchStream
 from semiseg.errors import TrainingError
-from semiseg.evaluation import BEST_METRIC, format_metrics
+from semiseg.evaluation import BEST_METRIC, METRIC_GROUPS, format_metrics
 from semiseg.structures import Batch
 from semiseg.weights import WeightsInfo, load_weights_into, read_weights
 
@@ -341,4 +341,6 @@ def _postfix(losses: dict[str, float]) -> str:
 
 
 def _summary(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{t} AP {v['AP']:.2f}" for t, v in metrics.items() if isinstance(v, dict) and "AP" in v)
+    """The headline number of each metric group: "segm AP 31.20, bbox AP 28.10" or "panoptic PQ 29.29"."""
+    return ", ".join(f"{group} {METRIC_GROUPS[group][0]} {values[METRIC_GROUPS[group][0]]:.2f}"
+                     for group, values in metrics.items() if group in METRIC_GROUPS)
