@@ -54,7 +54,8 @@ class ModelConfig:
           is evaluated (docs/tasks.md); the training data must hold that task's annotations.
     stuff_classes: contiguous ids of the stuff classes (panoptic); empty = from the training data's
           categories (`isthing: 0`).
-    object_mask_threshold / overlap_threshold: panoptic fusion (null = the model's default).
+    (The panoptic fusion thresholds are settings of the meta-architecture sections:
+    `mask2former.object_mask_threshold` / `overlap_threshold`, and Mask DINO's.)
 
     `num_classes` is the one place to set the class count: the meta-architecture sections' own
     `num_classes` are overwritten with it (once known).
@@ -65,8 +66,6 @@ class ModelConfig:
     weights: Path | None = None
     task: Literal["instance", "panoptic", "semantic"] = "instance"
     stuff_classes: tuple[int, ...] = ()
-    object_mask_threshold: float | None = None
-    overlap_threshold: float = 0.8
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     mask2former: Mask2FormerConfig = field(default_factory=Mask2FormerConfig)
     maskdino: MaskDINOConfig = field(default_factory=MaskDINOConfig)
@@ -83,8 +82,7 @@ class ModelConfig:
 
     @property
     def segmentation_task(self) -> SegmentationTask:
-        return SegmentationTask(self.task, tuple(self.stuff_classes), self.object_mask_threshold,
-                                self.overlap_threshold)
+        return SegmentationTask(self.task, tuple(self.stuff_classes))
 
     @property
     def head(self) -> Mask2FormerConfig | MaskDINOConfig:

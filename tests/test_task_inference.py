@@ -80,10 +80,11 @@ def test_panoptic_rules_by_hand():
 @pytest.mark.parametrize("arch", ["mask2former", "maskdino"])
 @pytest.mark.parametrize("task", ["instance", "panoptic", "semantic"])
 def test_predict_returns_the_task_type(arch, task):
-    cfg = ModelConfig(arch=arch, task=task, stuff_classes=(2,), object_mask_threshold=0.0)
+    cfg = ModelConfig(arch=arch, task=task, stuff_classes=(2,))
     cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, name="tiny_resnet", weights=None))
     head = dataclasses.replace(cfg.head, hidden_dim=32, conv_dim=32, mask_dim=32, num_queries=6, dec_layers=2,
-                               enc_layers=1, dim_feedforward=64, enc_dim_feedforward=64, nheads=2)
+                               enc_layers=1, dim_feedforward=64, enc_dim_feedforward=64, nheads=2,
+                               object_mask_threshold=0.0)
     cfg = dataclasses.replace(cfg, **{arch: head})
     torch.manual_seed(0)
     model = build_model(cfg, 3).eval()
@@ -95,7 +96,7 @@ def test_predict_returns_the_task_type(arch, task):
     if task == "semantic":
         assert results[1].shape == (96, 120) and results[1].max() < 3
     if task == "panoptic":
-        model.task = dataclasses.replace(model.task, object_mask_threshold=1.0)  # nothing kept: all void
+        model.cfg = dataclasses.replace(model.cfg, object_mask_threshold=1.0)  # nothing kept: all void
         with torch.no_grad():
             (nothing,) = model.predict(model(images, [(64, 64)] * 2), [(64, 64)] * 2, [(64, 64)] * 2)[:1]
         assert nothing.segments == [] and not nothing.segment_ids.any()

@@ -32,6 +32,7 @@ class Mask2FormerConfig:
 
     dec_layers has the official DEC_LAYERS meaning: dec_layers - 1 decoder layers + the initial
     prediction. enc_dim_feedforward is the pixel decoder's FFN (official: hard-coded 1024).
+    object_mask_threshold / overlap_threshold: panoptic fusion (the official TEST settings).
     """
 
     num_classes: int = 80
@@ -58,6 +59,8 @@ class Mask2FormerConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     test_topk: int = 100
+    object_mask_threshold: float = 0.8
+    overlap_threshold: float = 0.8
     pixel_mean: tuple[float, float, float] | None = None  # None: what the backbone's weights expect
     pixel_std: tuple[float, float, float] | None = None
     size_divisibility: int = 32
@@ -176,11 +179,10 @@ class Mask2Former(nn.Module):
                 results.append(semantic_inference(probs[:, :-1], mask_probs))
                 continue
             scores, labels = probs.max(-1)
-            threshold = self.task.object_mask_threshold
-            keep = (labels != self.cfg.num_classes) & (scores > (0.8 if threshold is None else threshold))
+            keep = (labels != self.cfg.num_classes) & (scores > self.cfg.object_mask_threshold)
             mask_probs = resize_mask_logits(masks[keep].float(), padded, tuple(size), tuple(orig)).sigmoid()
             results.append(panoptic_inference(scores[keep], labels[keep], mask_probs, self.task.stuff_classes,
-                                              self.task.overlap_threshold))
+                                              self.cfg.overlap_threshold))
         return results
 
     @torch.no_grad()

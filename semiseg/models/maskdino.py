@@ -42,8 +42,6 @@ from semiseg.models.segmentation_task import SegmentationTask, panoptic_inferenc
 from semiseg.structures import Instances
 
 
-PANOPTIC_TEMPERATURE = 0.06  # the reference's PANO_TEMPERATURE (panoptic and semantic scores)
-
 @dataclass
 class MaskDINOConfig:
     """Head, loss and inference settings (defaults: the official COCO instance R50 recipe,
@@ -58,8 +56,8 @@ class MaskDINOConfig:
     dec_layers: decoder layers (official DEC_LAYERS, no -1); prediction sets = dec_layers + 1.
     initialize_box_type: "mask2box" / "bitmask" (anchors from the selected queries' masks) or "no".
     dn: "seg" (denoise labels, boxes and masks), "standard" (labels and boxes) or "no".
-    object_mask_threshold / overlap_threshold / pano_temperature: the official panoptic settings, kept so
-    that official and earlier configs load (semantic / panoptic inference is not implemented yet).
+    object_mask_threshold / overlap_threshold / pano_temperature: the official panoptic (and, for the
+    temperature, semantic) inference settings (docs/tasks.md).
     """
 
     num_classes: int = 80
@@ -256,7 +254,7 @@ class MaskDINO(nn.Module):
         """Per image, by `self.task`: instance: top-k (query, class) pairs with scores, masks
         [N, orig_h, orig_w] and the box head's boxes in pixels of the original image; panoptic: a
         PanopticSegmentation; semantic: a [orig_h, orig_w] class map. Panoptic and semantic use the
-        reference's score "sharpening" softmax(sigmoid(logits) / 0.06) over the classes."""
+        reference's score "sharpening" softmax(sigmoid(logits) / pano_temperature) over the classes."""
         padded = outputs["padded_size"]
         results = []
         for logits, masks, boxes, size, orig in zip(outputs["pred_logits"], outputs["pred_masks"],
@@ -268,14 +266,13 @@ class MaskDINO(nn.Module):
             sigmoid = logits.float().sigmoid()  # [Q, K]
             if self.task.name == "semantic":
                 mask_probs = resize_mask_logits(masks.float(), padded, tuple(size), tuple(orig)).sigmoid()
-                results.append(semantic_inference((sigmoid / PANOPTIC_TEMPERATURE).softmax(-1), mask_probs))
+                results.append(semantic_inference((sigmoid / self.cfg.pano_temperature).softmax(-1), mask_probs))
                 continue
-            threshold = self.task.object_mask_threshold
-            keep = sigmoid.max(-1).values > (0.25 if threshold is None else threshold)
-            scores, labels = (sigmoid[keep] / PANOPTIC_TEMPERATURE).softmax(-1).max(-1)
+            keep = sigmoid.max(-1).values > self.cfg.object_mask_threshold
+            scores, labels = (sigmoid[keep] / self.cfg.pano_temperature).softmax(-1).max(-1)
             mask_probs = resize_mask_logits(masks[keep].float(), padded, tuple(size), tuple(orig)).sigmoid()
             results.append(panoptic_inference(scores, labels, mask_probs, self.task.stuff_classes,
-                                              self.task.overlap_threshold))
+                                              self.cfg.overlap_threshold))
         return results
 
     @torch.no_grad()

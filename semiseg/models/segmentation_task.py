@@ -28,20 +28,18 @@ TASKS = ("instance", "panoptic", "semantic")
 
 @dataclass(frozen=True)
 class SegmentationTask:
-    """The task a model is trained and evaluated for (`model.task`, `model.stuff_classes`, ...).
+    """The task a model is trained and evaluated for (`model.task`, `model.stuff_classes`).
 
-    name:                  "instance" (`predict` -> list[Instances]), "panoptic" (list[PanopticSegmentation])
-                           or "semantic" (list of [H, W] long class maps)
-    stuff_classes:         contiguous ids of the stuff classes (panoptic: one segment per class and image)
-    object_mask_threshold: panoptic: keep a query whose score exceeds this; None = the model's default
-                           (Mask2Former 0.8, Mask DINO 0.25, the references' COCO panoptic values)
-    overlap_threshold:     panoptic: drop a query left with less than this share of its mask
+    name:          "instance" (`predict` -> list[Instances]), "panoptic" (list[PanopticSegmentation])
+                   or "semantic" (list of [H, W] long class maps)
+    stuff_classes: contiguous ids of the stuff classes (panoptic: one segment per class and image)
+
+    The panoptic thresholds are the meta-architecture's own settings (`object_mask_threshold`,
+    `overlap_threshold`: Mask2Former 0.8 / 0.8, Mask DINO 0.25 / 0.8, the references' values).
     """
 
     name: Literal["instance", "panoptic", "semantic"] = "instance"
     stuff_classes: tuple[int, ...] = ()
-    object_mask_threshold: float | None = None
-    overlap_threshold: float = 0.8
 
 
 def semantic_inference(class_probs: torch.Tensor, mask_probs: torch.Tensor) -> torch.Tensor:
