@@ -236,3 +236,32 @@ def test_gradients_match_under_the_same_seed(models, batch):
         expected = hf_grads[name]
         torch.testing.assert_close(p.grad, expected, atol=1e-6 * max(1.0, expected.abs().max().item()), rtol=1e-4,
                                    msg=lambda m, k=name: f"{k}: {m}")
+
+
+def test_losses_match_with_panoptic_targets(models, batch):
+    """Panoptic targets: the things plus one mask per stuff class covering the rest of the image
+    (the targets `model.task: panoptic` trains on); every loss term as transformers computes it."""
+    hf, ours = models
+    images, things = batch
+    yy, _ = torch.meshgrid(torch.arange(128), torch.arange(192), indexing="ij")
+    targets = []
+    for t, stuff_labels in zip(things, ([4, 2], [3])):
+        rest = ~t.masks.any(0)
+        stuff = [rest & (yy < 64), rest & (yy >= 64)] if len(stuff_labels) == 2 else [rest]
+        targets.append(Instances.from_masks(torch.cat([t.labels, torch.tensor(stuff_labels)]),
+                                            torch.cat([t.masks, torch.stack(stuff)])))
+    hf.train()
+    ours.train()
+    try:
+        theirs_out = hf((images.float() - MEAN) / STD, output_hidden_states=True)
+        torch.manual_seed(5)
+        theirs = hf.get_loss_dict(theirs_out.masks_queries_logits, theirs_out.class_queries_logits,
+                                  [t.masks.float() for t in targets], [t.labels for t in targets],
+                                  theirs_out.auxiliary_logits)
+        torch.manual_seed(5)
+        mine = ours.loss(ours(images, [(128, 192), (128, 192)]), targets)
+    finally:
+        hf.eval()
+        ours.eval()
+    for key, value in mine.items():
+        torch.testing.assert_close(value, theirs[key.replace("loss_ce", "loss_cross_entropy")], atol=1e-5, rtol=1e-5)
