@@ -18,11 +18,12 @@ Times are medians over `--repeats` after `--warmup` runs; the implementations al
 (A B, B A, A B, ...) so that machine load affects both alike. Ratios are semiseg / transformers
 (< 1: semiseg is faster or smaller).
 
-`--extra compiled,onnxruntime` adds, timed in the same interleaved loop, semiseg under
-`torch.compile` (train step and inference; compilation happens in the warm-up) and the ONNX export
+`--extra compiled,onnxruntime,maskdino` adds, timed in the same interleaved loop, semiseg under
+`torch.compile` (train step and inference; compilation happens in the warm-up), the ONNX export
 of semiseg's network run by onnxruntime (inference only: normalisation + `session.run`, the same
-raw outputs, checked against eager before timing; `semiseg.export`). Memory is measured for the
-eager implementations only.
+raw outputs, checked against eager before timing; `semiseg.export`) and semiseg's Mask DINO with the
+row's sizes (no CPU peer exists: reported against semiseg's Mask2Former too). Memory is measured for
+the eager Mask2Former implementations only.
 
     python benchmarks/mask2former_vs_transformers.py --rows tiny,r50 --repeats 5 --out results.md
     python benchmarks/mask2former_vs_transformers.py --rows tiny,r50 --extra compiled,onnxruntime --no-memory
@@ -51,10 +52,11 @@ from torch import nn
 
 from semiseg.models.backbones.resnet import NORM_LAYERS, BasicBlock, ResNet, Stem, build_bottleneck_resnet
 from semiseg.models.mask2former import Mask2Former, Mask2FormerConfig
+from semiseg.models.maskdino import MaskDINO, MaskDINOConfig
 from semiseg.structures import Instances
 
 IMPLEMENTATIONS = ("semiseg", "transformers")
-EXTRAS = ("compiled", "onnxruntime")
+EXTRAS = ("compiled", "onnxruntime", "maskdino")
 MODES = ("train", "inference")
 INSTANCES_PER_IMAGE = 3
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -107,8 +109,8 @@ ROWS = {
 
 # --------------------------------------------------------------------------------------------- models
 
-def build_semiseg(row: Row) -> Mask2Former:
-    """semiseg's Mask2Former with its own ResNet (BatchNorm, like HF's ResNet) for `row`."""
+def build_resnet(row: Row) -> ResNet:
+    """semiseg's ResNet (BatchNorm, like HF's ResNet) with the layers of `row`'s HF ResNetConfig."""
     norm = NORM_LAYERS["bn"]
     if row.layer_type == "bottleneck":
         if row.embedding_size != 64 or row.hidden_sizes != (256, 512, 1024, 2048):
@@ -122,12 +124,30 @@ def build_semiseg(row: Row) -> Mask2Former:
                 for b in range(depth)]))
             in_channels = width
         backbone = ResNet(Stem(row.embedding_size, kernel_size=7, norm=norm), stages, list(row.hidden_sizes))
+    return backbone
+
+
+def build_semiseg(row: Row) -> Mask2Former:
+    """semiseg's Mask2Former on `build_resnet(row)`."""
     cfg = Mask2FormerConfig(
         num_classes=row.num_classes, hidden_dim=row.hidden_dim, num_queries=row.num_queries, nheads=8,
         dim_feedforward=row.dec_ffn, dec_layers=row.dec_layers, enc_layers=row.enc_layers,
         enc_dim_feedforward=row.enc_ffn, conv_dim=row.hidden_dim, mask_dim=row.hidden_dim,
         train_num_points=row.train_num_points, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD)
-    return Mask2Former(cfg, backbone)
+    return Mask2Former(cfg, build_resnet(row))
+
+
+def build_maskdino(row: Row) -> MaskDINO:
+    """semiseg's Mask DINO on `build_resnet(row)` with the row's sizes (its own random weights; no peer
+    exists): 3 encoder levels as the Mask2Former, the row's queries, `dec_layers - 1` decoder layers
+    + the initial prediction (the same prediction count), Mask DINO's defaults otherwise (denoising)."""
+    cfg = MaskDINOConfig(
+        num_classes=row.num_classes, hidden_dim=row.hidden_dim, num_queries=row.num_queries, nheads=8,
+        dec_nheads=8, dim_feedforward=row.dec_ffn, dec_layers=row.dec_layers - 1, enc_layers=row.enc_layers,
+        enc_dim_feedforward=row.enc_ffn, conv_dim=row.hidden_dim, mask_dim=row.hidden_dim,
+        total_num_feature_levels=3, train_num_points=row.train_num_points, pixel_mean=PIXEL_MEAN,
+        pixel_std=PIXEL_STD)
+    return MaskDINO(cfg, build_resnet(row))
 
 
 def build_transformers(row: Row) -> nn.Module:
@@ -292,8 +312,8 @@ def make_step(impl: str, mode: str, model: nn.Module, batch: BenchBatch, amp: bo
     device = batch.images.device
     model.train(mode == "train")
     if impl.startswith("semiseg"):
-        def forward():
-            return model(batch.images, batch.image_sizes)
+        def forward():  # the targets only matter to Mask DINO's denoising queries in training
+            return model(batch.images, batch.image_sizes, batch.targets if mode == "train" else None)
 
         def loss():
             return sum(model.loss(forward(), batch.targets).values())
@@ -527,6 +547,15 @@ def format_report(results: list[dict], args: argparse.Namespace, device: torch.d
             lines.append(f"| {first[0]} | {first[1]} | {metric} | {fmt(theirs)} | "
                          + " | ".join(fmt(v) if v is not None else "–" for v in ours) + " | "
                          + " | ".join(_ratio(v, theirs) if v is not None else "–" for v in ours) + " |")
+    if "maskdino" in args.extra:
+        lines += ["", "Mask DINO (no CPU peer; its own random weights, the row's sizes) against semiseg's Mask2Former:",
+                  "", "| row | metric | semiseg Mask2Former | semiseg Mask DINO | Mask DINO / Mask2Former |",
+                  "|---|---|---:|---:|---:|"]
+        for result in results:
+            for mode, label in (("train", "train step"), ("inference", "inference")):
+                m2f, mdino = result["time"][mode]["semiseg"], result["time"][mode]["semiseg maskdino"]
+                lines.append(f"| {result['row'].name} | {label} | {_seconds(m2f)} | {_seconds(mdino)} "
+                             f"| {_ratio(mdino, m2f)} |")
     lines += ["", "Same function check (eval forward before timing, fp32): max |semiseg − transformers|",
               "", "| row | class logits | mask logits | max \\|mask logit\\| |", "|---|---:|---:|---:|"]
     for result in results:
@@ -547,12 +576,15 @@ def benchmark_row(row: Row, args: argparse.Namespace, device: torch.device, thre
                          "the comparison would be meaningless")
     result = {"row": row, "difference": difference, "time": {}, "memory": {}}
     compiled = torch.compile(ours) if "compiled" in args.extra else None
+    maskdino = build_maskdino(row).to(device) if "maskdino" in args.extra else None
     with tempfile.TemporaryDirectory() as folder:
         for mode in MODES:
             steps = {impl: make_step(impl, mode, model, batch, row.amp)
                      for impl, model in zip(IMPLEMENTATIONS, (ours, theirs))}
             if compiled is not None:
                 steps["semiseg compiled"] = make_step("semiseg compiled", mode, compiled, batch, row.amp)
+            if maskdino is not None:
+                steps["semiseg maskdino"] = make_step("semiseg maskdino", mode, maskdino, batch, row.amp)
             if "onnxruntime" in args.extra and mode == "inference":
                 if device.type != "cpu" or row.amp:
                     raise SystemExit("--extra onnxruntime: CPU fp32 rows only")
@@ -560,7 +592,7 @@ def benchmark_row(row: Row, args: argparse.Namespace, device: torch.device, thre
             result["time"][mode] = interleaved_medians(steps, args.repeats, args.warmup, device)
             print(f"[{row.name}] {mode}: " + ", ".join(f"{k} {_seconds(v)}" for k, v in result["time"][mode].items()),
                   file=sys.stderr, flush=True)
-    del ours, theirs, compiled
+    del ours, theirs, compiled, maskdino
     if not args.no_memory:
         for mode in MODES:
             result["memory"][mode] = {impl: peak_step_memory_in_subprocess(impl, row, mode, device, threads)
