@@ -7,13 +7,18 @@ is correct when it matches a ground-truth instance of its class with mask IoU >=
 one-to-one in order of confidence, so duplicates count as wrong. Used to calibrate the threshold
 (the Mask DINO default was chosen with it; see docs/guided_distillation.md).
 
+`--flip agree|average` tries a flip test-time augmentation of the teacher: it also sees the image
+flipped horizontally, and each query is paired with the flipped view's query whose flipped-back mask
+overlaps it most. "agree" keeps a query only if that pairing has mask IoU > 0.5 and names the same
+class; "average" averages the pair's class probabilities and mask logits.
+
     python benchmarks/pseudo_label_quality.py --weights runs/teacher/checkpoints/last \
         --ann data/synth/annotations/instances_val.json --images data/synth/val
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,7 @@ from semiseg.data.datasets import Sample
 from semiseg.data.images import read_image
 from semiseg.data.loader import collate
 from semiseg.data.masks import decode_segmentation
+from semiseg.models.protocol import PseudoLabelCandidates
 from semiseg.semi.pseudo_labels import ThresholdFilter
 
 IOU_MATCH = 0.5
@@ -77,8 +83,29 @@ def truth_at_mask_resolution(annotations, height: int, width: int, canvas: tuple
     return torch.tensor([a.label for a in kept], dtype=torch.long), small
 
 
+def with_flip(model, images: torch.Tensor, image_sizes, mode: str) -> PseudoLabelCandidates:
+    """The teacher's candidates for `images`, combined with those of the flipped images (`mode`: see above).
+    Expects unpadded images (a flip of a padded canvas would move the image)."""
+    plain = model.pseudo_label_candidates(model(images, image_sizes))
+    if mode == "none":
+        return plain
+    flipped = model.pseudo_label_candidates(model(images.flip(-1), image_sizes))
+    flipped_masks = flipped.mask_logits.flip(-1)
+    a = (plain.mask_logits[0] > 0).flatten(1).float()
+    b = (flipped_masks[0] > 0).flatten(1).float()
+    inter = a @ b.T
+    iou = inter / (a.sum(1)[:, None] + b.sum(1)[None, :] - inter).clamp(min=1)
+    best_iou, partner = iou.max(1)
+    partner_probs = flipped.class_probs[0, partner]
+    if mode == "agree":
+        agree = (best_iou > 0.5) & (partner_probs.argmax(-1) == plain.class_probs[0].argmax(-1))
+        return replace(plain, is_object=plain.is_object & agree[None])
+    return replace(plain, class_probs=(plain.class_probs + partner_probs[None]) / 2,
+                   mask_logits=(plain.mask_logits + flipped_masks[:, partner]) / 2)
+
+
 def measure(weights: str, ann: str, images: str, thresholds: list[float], limit: int,
-            nms_iou: float = 1.0) -> tuple[dict[float, Tally], int]:
+            nms_iou: float = 1.0, flip: str = "none") -> tuple[dict[float, Tally], int]:
     """({threshold: counts}, number of images) over the first `limit` images of `ann`."""
     predictor = load(weights, device="cpu")
     model = predictor.model
@@ -88,8 +115,10 @@ def measure(weights: str, ann: str, images: str, thresholds: list[float], limit:
         image = read_image(record.file_name)
         h, w = image.shape[:2]
         batch = collate([Sample(torch.from_numpy(image).permute(2, 0, 1).contiguous(), 0, (h, w))])
+        if flip != "none" and tuple(batch.images.shape[-2:]) != (h, w):
+            raise SystemExit(f"--flip needs images whose sides are multiples of 32; {record.file_name} is {h}x{w}")
         with torch.no_grad():
-            candidates = model.pseudo_label_candidates(model(batch.images, batch.image_sizes))
+            candidates = with_flip(model, batch.images, batch.image_sizes, flip)
         canvas = tuple(candidates.mask_logits.shape[-2:])
         stride = batch.images.shape[-1] // canvas[1]
         labels, truth = truth_at_mask_resolution(record.annotations, h, w, canvas, stride)
@@ -117,9 +146,12 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     parser.add_argument("--limit", type=int, default=200, help="number of images (default 200)")
     parser.add_argument("--nms-iou", type=float, default=1.0, help="semi.pseudo_labels.nms_iou (default 1 = off)")
+    parser.add_argument("--flip", choices=("none", "agree", "average"), default="none",
+                        help="flip test-time augmentation of the teacher (see above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tallies, images = measure(args.weights, args.ann, args.images, args.thresholds, args.limit, args.nms_iou)
+    tallies, images = measure(args.weights, args.ann, args.images, args.thresholds, args.limit, args.nms_iou,
+                              args.flip)
     truth = next(iter(tallies.values())).truth / images
     print(f"{images} images, {truth:.2f} ground-truth instances per image; correct = right class and mask IoU >= "
           f"{IOU_MATCH}, one-to-one")
