@@ -27,6 +27,7 @@ the eager Mask2Former implementations only.
 
     python benchmarks/mask2former_vs_transformers.py --rows tiny,r50 --repeats 5 --out results.md
     python benchmarks/mask2former_vs_transformers.py --rows tiny,r50 --extra compiled,onnxruntime --no-memory
+    python benchmarks/mask2former_vs_transformers.py --rows r50 --profile train --threads 1   # where the time goes
 """
 from __future__ import annotations
 
@@ -603,6 +604,21 @@ def benchmark_row(row: Row, args: argparse.Namespace, device: torch.device, thre
     return result
 
 
+def profile_row(row: Row, mode: str, device: torch.device, top: int = 12) -> str:
+    """The `top` operators by self CPU time of one step (after one warm-up step) of each implementation."""
+    ours, theirs = build_pair(row, device)
+    batch = make_batch(row, device)
+    tables = []
+    for impl, model in zip(IMPLEMENTATIONS, (ours, theirs)):
+        step = make_step(impl, mode, model, batch, row.amp)
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            step()
+        table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40)
+        tables.append(f"### {row.name} {mode}: {impl}\n\n```\n{table}```\n")
+    return "\n".join(tables)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, torch.device, list[Row]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -616,6 +632,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, torch.device, list[
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--extra", default="", help=f"comma-separated extra semiseg variants: {', '.join(EXTRAS)}")
     parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
+    parser.add_argument("--profile", choices=MODES, default=None,
+                        help="instead of timing: torch.profiler's top operators of one step of each implementation")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # IMPL:ROW:MODE, used by the parent
     args = parser.parse_args(argv)
     args.argv = argv
@@ -651,6 +669,10 @@ def main(argv: list[str] | None = None) -> str:
         impl, row_name, mode = args.probe.split(":")
         print(json.dumps({"peak_bytes": peak_step_memory(impl, ROWS[row_name], mode, device)}))
         return ""
+    if args.profile:
+        report = "\n".join(profile_row(row, args.profile, device) for row in rows)
+        print(report)
+        return report
     results = [benchmark_row(row, args, device, threads) for row in rows]
     report = format_report(results, args, device, threads)
     print(report)

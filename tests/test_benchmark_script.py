@@ -43,6 +43,19 @@ def test_tiny_row_report(bench, tmp_path):
     assert max(difference) < 1e-4  # both implementations computed the same function
 
 
+def test_profile_and_maskdino_rows(bench):
+    profile = bench.main(["--rows", "tiny", "--profile", "inference", "--threads", "1"])
+    assert "### tiny inference: semiseg" in profile and "### tiny inference: transformers" in profile
+    assert profile.count("aten::") >= 10
+    report = bench.main(["--rows", "tiny", "--repeats", "1", "--warmup", "0", "--no-memory", "--extra", "maskdino"])
+    rows = [line for line in report.splitlines() if line.startswith("| tiny | ") and line.count("|") == 6]
+    assert [r.split("|")[2].strip() for r in rows] == ["train step", "inference"]
+    for row in rows:  # Mask DINO / Mask2Former = its time over semiseg Mask2Former's
+        m2f, mdino, ratio = (c.strip() for c in row.strip("|").split("|")[2:5])
+        seconds = lambda v: float(re.match(r"[\d.]+", v)[0]) * (1e-3 if v.endswith("ms") else 1)  # noqa: E731
+        assert float(ratio) == pytest.approx(seconds(mdino) / seconds(m2f), rel=0.05, abs=0.01)
+
+
 def test_weights_map_covers_every_parameter(bench):
     row = bench.ROWS["tiny"]
     torch.manual_seed(0)
