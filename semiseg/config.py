@@ -98,6 +98,7 @@ class DataConfig:
                             panoptic jsons, their PNGs in the folder of the same name) or "cityscapes"
                             (they are gtFine/<split> folders, the images leftImg8bit/<split>) or
                             "ade20k" (ADEChallengeData2016 annotations/<split>, images/<split>; semantic)
+                            or "semantic_png" (label PNGs in ADE20K's convention, classes in <folder>.json)
     train_ann/train_images: labeled COCO instances json and its image folder
     train_list:             optional split list: train only on the images it names, one per line (image file
                             names, or Guided Distillation's Cityscapes `perc_*.txt` of instanceIds names)
@@ -115,7 +116,7 @@ class DataConfig:
                             absolute paths); off by default so a dataset file cannot point anywhere
     """
 
-    format: Literal["coco", "coco_panoptic", "cityscapes", "ade20k"] = "coco"
+    format: Literal["coco", "coco_panoptic", "cityscapes", "ade20k", "semantic_png"] = "coco"
     train_ann: Path | None = None
     train_images: Path | None = None
     train_list: Path | None = None

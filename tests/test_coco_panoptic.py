@@ -135,3 +135,20 @@ def test_training_evaluation_and_predict_per_task(stuff_data, tmp_path, arch, ta
     else:
         assert np.asarray(Image.open(maps[0])).shape == (SIZE, SIZE)
         assert content["classes"][8] == {"value": 8, "id": 101, "name": "sky"}
+
+
+def test_semantic_pngs_agree_with_the_panoptic_files(stuff_data, tmp_path):
+    """`synth --stuff` also writes semantic label PNGs (`data.format: semantic_png`): the same classes
+    per pixel as the panoptic files merged per class."""
+    from_pngs = read_labeled("semantic_png", stuff_data["val_semantic"], stuff_data["val_images"], task="semantic")
+    from_panoptic = read_labeled("coco_panoptic", stuff_data["val_panoptic"], stuff_data["val_images"], task="semantic")
+    assert from_pngs.class_names == from_panoptic.class_names and from_pngs.category_ids == from_panoptic.category_ids
+    for a, b in zip(from_pngs.records, from_panoptic.records):
+        assert a.file_name == b.file_name
+        masks = lambda r: {x.label: decode_segmentation(x.segmentation, SIZE, SIZE).tolist() for x in r.annotations}  # noqa: E731
+        assert masks(a) == masks(b)
+    lonely = tmp_path / "labels"
+    lonely.mkdir()
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(lonely / "000001.png")
+    with pytest.raises(DataError, match="labels: needs labels.json beside it"):
+        read_labeled("semantic_png", lonely, stuff_data["val_images"], task="semantic")

@@ -5,6 +5,8 @@
     cityscapes:    `ann` is a Cityscapes `gtFine/<split>` folder, `images` the matching `leftImg8bit/<split>`
     ade20k:        `ann` is ADEChallengeData2016's `annotations/<split>` folder, `images` its `images/<split>`
                    (semantic task only)
+    semantic_png:  `ann` is a folder of label PNGs (ADE20K's convention) with `<ann>.json` listing the
+                   classes beside it (semantic task only)
 
 For the semantic task the annotations of a class are merged into one per image (crowds included):
 semantic segmentation is one mask per present class, as in the references.
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from semiseg.data.ade20k import load_ade20k_semantic
+from semiseg.data.ade20k import load_ade20k_semantic, load_semantic_pngs
 from semiseg.data.cityscapes import load_cityscapes_instances, records_to_coco
 from semiseg.data.coco import load_coco_instances, read_json
 from semiseg.data.coco_panoptic import load_coco_panoptic
@@ -29,11 +31,12 @@ from semiseg.errors import ConfigError, DataError
 def read_labeled(data_format: str, ann: Path, images: Path, strict: bool = False,
                  allow_outside_root: bool = False, task: str = "instance") -> DatasetRecords:
     """The records of a labeled dataset in `data_format` for `task` (`strict`: COCO instances only)."""
-    if data_format == "ade20k":
+    if data_format in ("ade20k", "semantic_png"):
         if task != "semantic":
-            raise ConfigError(f"data.format=ade20k holds semantic labels only, not model.task={task}; ADE20K "
+            raise ConfigError(f"data.format={data_format} holds semantic labels only, not model.task={task}; "
                               "panoptic / instance files are read with data.format=coco_panoptic / coco")
-        return load_ade20k_semantic(Path(ann), Path(images))
+        load = load_ade20k_semantic if data_format == "ade20k" else load_semantic_pngs
+        return load(Path(ann), Path(images))
     if data_format == "cityscapes":
         records = load_cityscapes_instances(Path(ann), Path(images), task)
     elif data_format == "coco_panoptic":

@@ -9,7 +9,8 @@ checkers) with distractor clutter (thin lines, elongated blobs) and photometric 
 With `stuff=True` (`semiseg synth --stuff`) the background is instead made of stuff regions of three
 classes told apart by texture, not colour (sky: a smooth gradient, wall: brick courses, floor: a
 checker in perspective-free tiles), and the dataset is also written as COCO panoptic (json + PNG
-folder, segment id = R + 256 G + 256^2 B) for the panoptic and semantic tasks.
+folder, segment id = R + 256 G + 256^2 B) and as semantic label PNGs (0 = none, k + 1 = class k of the
+panoptic categories, listed in the json beside the folder) for the panoptic and semantic tasks.
 
 Every image is drawn from its own `numpy.random.default_rng([seed, split_index, image_id])`, so a
 seed gives the same bytes whatever the number of worker processes.
@@ -76,7 +77,9 @@ def write_synthetic_dataset(out_dir: Path, num_train: int = 800, num_val: int = 
     Layout: `train/*.png`, `val/*.png`, `annotations/instances_{train,val}.json` (COCO instances,
     image ids 1..N, file names `000001.png`...). Returned keys: "train_images", "val_images",
     "train_ann", "val_ann"; with `stuff` also "train_panoptic", "val_panoptic":
-    `annotations/panoptic_{train,val}.json` beside their PNG folders `annotations/panoptic_{split}/`.
+    `annotations/panoptic_{train,val}.json` beside their PNG folders `annotations/panoptic_{split}/`, and
+    "train_semantic", "val_semantic": the label PNG folders `annotations/semantic_{split}/` (their classes
+    in `semantic_{split}.json`).
     A non-empty `out_dir` is refused unless `overwrite`, which replaces only the files this function
     writes (numbered PNGs in train/ and val/, the jsons).
     """
@@ -95,6 +98,8 @@ def write_synthetic_dataset(out_dir: Path, num_train: int = 800, num_val: int = 
         if panoptic is not None:
             paths[f"{split}_panoptic"] = panoptic_dir.with_suffix(".json")
             _write_json(paths[f"{split}_panoptic"], panoptic)
+            paths[f"{split}_semantic"] = out_dir / "annotations" / f"semantic_{split}"
+            _write_json(paths[f"{split}_semantic"].with_suffix(".json"), {"categories": panoptic["categories"]})
         counts.append(len(coco["annotations"]))
     kinds = f"{len(CATEGORIES)} thing + {len(STUFF_CATEGORIES)} stuff classes" if stuff else f"{len(CATEGORIES)} classes"
     print(f"synthetic dataset: {num_train} train images ({counts[0]} annotations), {num_val} val images "
@@ -153,10 +158,11 @@ def _prepare_output(out_dir: Path, overwrite: bool) -> None:
                 if re.fullmatch(r"\d{6,}\.png", png.name):
                     png.unlink()
             (out_dir / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
-            (out_dir / "annotations" / f"panoptic_{split}.json").unlink(missing_ok=True)
-            for png in (out_dir / "annotations" / f"panoptic_{split}").glob("*.png"):
-                if re.fullmatch(r"\d{6,}\.png", png.name):
-                    png.unlink()
+            for kind in ("panoptic", "semantic"):
+                (out_dir / "annotations" / f"{kind}_{split}.json").unlink(missing_ok=True)
+                for png in (out_dir / "annotations" / f"{kind}_{split}").glob("*.png"):
+                    if re.fullmatch(r"\d{6,}\.png", png.name):
+                        png.unlink()
     try:
         for sub in (*SPLITS, "annotations"):
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -170,6 +176,7 @@ def _write_split(image_dir: Path, split: str, split_index: int, num_images: int,
     is given (stuff backgrounds), its COCO panoptic dict (PNGs written to `panoptic_dir`)."""
     if panoptic_dir is not None:
         panoptic_dir.mkdir(parents=True, exist_ok=True)
+        _semantic_dir(panoptic_dir).mkdir(parents=True, exist_ok=True)
     tasks = [(seed, split_index, image_id, image_size, image_dir / f"{image_id:06d}.png", panoptic_dir)
              for image_id in range(1, num_images + 1)]
     bar = dict(total=num_images, desc=f"synth {split}", unit="img")
@@ -202,7 +209,17 @@ def _render_and_save(task: tuple[int, int, int, int, Path, Path | None]) -> tupl
     ids, segments = _panoptic_segments(rendered)
     rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
     Image.fromarray(rgb).save(panoptic_dir / path.name, format="PNG")
+    label_of = {c["id"]: k + 1 for k, c in enumerate(CATEGORIES + STUFF_CATEGORIES)}
+    labels = np.zeros(ids.shape, np.uint8)
+    for segment in segments:
+        labels[ids == segment["id"]] = label_of[segment["category_id"]]
+    Image.fromarray(labels).save(_semantic_dir(panoptic_dir) / path.name, format="PNG")
     return rendered.annotations, segments
+
+
+def _semantic_dir(panoptic_dir: Path) -> Path:
+    """`annotations/semantic_<split>` beside `annotations/panoptic_<split>`."""
+    return panoptic_dir.with_name(panoptic_dir.name.replace("panoptic_", "semantic_", 1))
 
 
 def _panoptic_segments(rendered: SyntheticImage) -> tuple[np.ndarray, list[dict]]:
