@@ -62,8 +62,9 @@ class MetaArchitecture(Protocol):
         target matched (Guided Distillation's `semi.unmatched_weight`, for unlabeled images)."""
 
     def predict(self, outputs: dict, image_sizes: Sequence[tuple[int, int]],
-                orig_sizes: Sequence[tuple[int, int]]) -> list[Instances]:
-        """Per image: scored instances at the original size (masks [N, H, W], boxes, labels, scores)."""
+                orig_sizes: Sequence[tuple[int, int]]) -> list:
+        """Per image, at the original size, by the model's `task` (a `SegmentationTask`): scored Instances
+        (masks [N, H, W], boxes, labels, scores), a PanopticSegmentation, or a [H, W] class map."""
 
     def pseudo_label_candidates(self, outputs: dict) -> PseudoLabelCandidates:
         """The final layer's per-query evidence, for a pseudo-label filter."""
