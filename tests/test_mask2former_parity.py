@@ -184,23 +184,28 @@ def test_matcher_indices_match(models, outputs, batch):
             assert len(rows) == min(NUM_QUERIES, len(cols))
 
 
-def test_every_loss_term_matches_under_the_same_seed(models, batch):
+def loss_terms(models, images, targets, seed):
+    """(semiseg's loss terms, transformers' loss dict) in train mode, each under `seed` (point sampling)."""
     hf, ours = models
-    images, targets = batch
     hf.train()
     ours.train()
     try:
         theirs_out = hf((images.float() - MEAN) / STD, output_hidden_states=True)
-        torch.manual_seed(123)
+        torch.manual_seed(seed)
         theirs = hf.get_loss_dict(theirs_out.masks_queries_logits, theirs_out.class_queries_logits,
                                   [t.masks.float() for t in targets], [t.labels for t in targets],
                                   theirs_out.auxiliary_logits)
         mine_out = ours(images, [(128, 192), (128, 192)])
-        torch.manual_seed(123)
-        mine = ours.loss(mine_out, targets)
+        torch.manual_seed(seed)
+        return ours.loss(mine_out, targets), theirs
     finally:
         hf.eval()
         ours.eval()
+
+
+def test_every_loss_term_matches_under_the_same_seed(models, batch):
+    images, targets = batch
+    mine, theirs = loss_terms(models, images, targets, 123)
     expected_keys = {f"loss_{k}{s}" for k in ("ce", "mask", "dice") for s in ["", *(f"_{i}" for i in range(DEC_LAYERS - 1))]}
     assert set(mine) == expected_keys
     for key, value in mine.items():
@@ -241,7 +246,6 @@ def test_gradients_match_under_the_same_seed(models, batch):
 def test_losses_match_with_panoptic_targets(models, batch):
     """Panoptic targets: the things plus one mask per stuff class covering the rest of the image
     (the targets `model.task: panoptic` trains on); every loss term as transformers computes it."""
-    hf, ours = models
     images, things = batch
     yy, _ = torch.meshgrid(torch.arange(128), torch.arange(192), indexing="ij")
     targets = []
@@ -250,18 +254,6 @@ def test_losses_match_with_panoptic_targets(models, batch):
         stuff = [rest & (yy < 64), rest & (yy >= 64)] if len(stuff_labels) == 2 else [rest]
         targets.append(Instances.from_masks(torch.cat([t.labels, torch.tensor(stuff_labels)]),
                                             torch.cat([t.masks, torch.stack(stuff)])))
-    hf.train()
-    ours.train()
-    try:
-        theirs_out = hf((images.float() - MEAN) / STD, output_hidden_states=True)
-        torch.manual_seed(5)
-        theirs = hf.get_loss_dict(theirs_out.masks_queries_logits, theirs_out.class_queries_logits,
-                                  [t.masks.float() for t in targets], [t.labels for t in targets],
-                                  theirs_out.auxiliary_logits)
-        torch.manual_seed(5)
-        mine = ours.loss(ours(images, [(128, 192), (128, 192)]), targets)
-    finally:
-        hf.eval()
-        ours.eval()
+    mine, theirs = loss_terms(models, images, targets, 5)
     for key, value in mine.items():
         torch.testing.assert_close(value, theirs[key.replace("loss_ce", "loss_cross_entropy")], atol=1e-5, rtol=1e-5)
