@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from semiseg.config import check_compile_backend, load_config
+from semiseg.data.coco_panoptic import write_segment_ids
 from semiseg.data.datasets import Sample
 from semiseg.data.images import read_image
 from semiseg.data.loader import collate
@@ -207,10 +208,8 @@ def as_instances(prediction: Instances | PanopticSegmentation | torch.Tensor) ->
 
 def _save_panoptic(prediction: PanopticSegmentation, png: Path, image: Path, predictor: Predictor) -> dict:
     """Write the id map as a COCO panoptic PNG; its json entry."""
-    ids = prediction.segment_ids.numpy().astype(np.int64)
-    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
     png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(png)
+    write_segment_ids(prediction.segment_ids.numpy(), png)
     segments = [{"id": s.id, "category_id": predictor.category_ids[s.label], "isthing": int(s.is_thing),
                  "score": s.score} for s in prediction.segments]
     return {"file_name": png.name, "image": str(image), "segments_info": segments}

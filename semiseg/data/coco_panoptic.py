@@ -59,6 +59,12 @@ def load_coco_panoptic(ann_file: Path, image_root: Path, allow_outside_root: boo
     return DatasetRecords(records, [c["name"] for c in categories], [c["id"] for c in categories], ann_file, stuff)
 
 
+def write_segment_ids(ids: np.ndarray, png: Path) -> None:
+    """Save [H, W] integer segment ids as a COCO panoptic PNG (R + 256 G + 256^2 B)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    Image.fromarray(np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)).save(png)
+
+
 def read_segment_ids(png: Path, size: tuple[int, int]) -> np.ndarray:
     """A COCO panoptic PNG -> [H, W] int64 segment ids (R + 256 G + 256^2 B); DataError if missing,
     unreadable, not RGB or not of the image's `size` (h, w)."""

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from semiseg.data.coco_panoptic import write_segment_ids
 from semiseg.data.masks import decode_segmentation, encode_rle
 from semiseg.data.synthetic_shapes import SHAPE_CLASSES, Shape, make_shape
 from semiseg.errors import ConfigError, DataError
@@ -207,8 +208,7 @@ def _render_and_save(task: tuple[int, int, int, int, Path, Path | None]) -> tupl
     if panoptic_dir is None:
         return rendered.annotations, []
     ids, segments = _panoptic_segments(rendered)
-    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
-    Image.fromarray(rgb).save(panoptic_dir / path.name, format="PNG")
+    write_segment_ids(ids, panoptic_dir / path.name)
     label_of = {c["id"]: k + 1 for k, c in enumerate(CATEGORIES + STUFF_CATEGORIES)}
     labels = np.zeros(ids.shape, np.uint8)
     for segment in segments:
