@@ -41,6 +41,8 @@ VARIANTS = {
     "unsup_class_0.25": ["semi.unsup_class_weight=0.25"],
     # the teacher's class probabilities as targets instead of its top class
     "soft_classes": ["semi.pseudo_labels.class_targets=soft"],
+    # unlabeled images teach classes only: the teachers' pseudo-masks are about as good as the 100 % model's
+    "unsup_mask_0": ["semi.unsup_mask_weight=0"],
     # the strong view without its Gaussian blur (sigma 0.1-2 px is the reference's for 1024 px canvases)
     "no_blur": ["data.augmentation.strong_blur_p=0"],
     # an upper bound of the stage-2 budget: the same schedule with the ground truth of every image (see run_variant)

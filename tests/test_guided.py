@@ -197,15 +197,19 @@ def test_unreadable_unlabeled_images_in_loader_workers_are_counted(data, tmp_pat
     assert "unreadable unlabeled image(s) skipped so far" in (run / "log.txt").read_text()
 
 
-def test_unsup_class_weight_scales_only_the_unlabeled_classification_terms(data, tmp_path):
+def test_unsup_class_and_mask_weights_scale_only_their_unlabeled_terms(data, tmp_path):
     def first_losses(*overrides):
         trainer = built(gd_config(data, tmp_path / f"run{len(overrides)}", "semi.burn_in_iter=100",
                                   "semi.unsup_loss_weight=1.0", *overrides))
         torch.manual_seed(0)
         return {k: float(v.detach()) for k, v in trainer.forward_losses().items()}
 
-    plain, scaled = first_losses(), first_losses("semi.unsup_class_weight=0.25")
-    assert plain.keys() == scaled.keys() and any(k.startswith("loss_ce") and k.endswith("_unsup") for k in plain)
+    plain, scaled = first_losses(), first_losses("semi.unsup_class_weight=0.25", "semi.unsup_mask_weight=0.5")
+    assert plain.keys() == scaled.keys()
+    for prefix in ("loss_ce", "loss_mask", "loss_dice"):
+        assert any(k.startswith(prefix) and k.endswith("_unsup") for k in plain), prefix
     for name in plain:
-        factor = 0.25 if name.startswith("loss_ce") and name.endswith("_unsup") else 1.0
+        factor = 1.0
+        if name.endswith("_unsup"):
+            factor = 0.25 if name.startswith("loss_ce") else 0.5 if name.startswith(("loss_mask", "loss_dice")) else 1.0
         assert scaled[name] == pytest.approx(factor * plain[name], rel=1e-5), name

@@ -9,6 +9,7 @@
       unsup_loss_weight: 2.0         # L = L_sup + 2.0 * L_unsup (0: labeled data only, a control)
       unmatched_weight: 1.0          # unlabeled images: scale of the class loss of queries no pseudo-label matched
       unsup_class_weight: 1.0        # unlabeled images: scale of all classification terms (loss_ce*)
+      unsup_mask_weight: 1.0         # unlabeled images: scale of all mask terms (loss_mask*, loss_dice*)
       labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
       eval_who: student              # student | teacher | both
       pseudo_labels: {min_area: 5.0, mask_threshold: 0.5, box_source: mask}  # score_threshold, nms_iou: by model
@@ -91,6 +92,7 @@ class SemiConfig:
     eval_who: Literal["student", "teacher", "both"] = "student"
     unmatched_weight: float = 1.0
     unsup_class_weight: float = 1.0
+    unsup_mask_weight: float = 1.0
     pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
     def __post_init__(self) -> None:
@@ -102,5 +104,6 @@ class SemiConfig:
             raise ConfigError(f"unsup_loss_weight={self.unsup_loss_weight}: expected >= 0")
         if self.unmatched_weight < 0:
             raise ConfigError(f"unmatched_weight={self.unmatched_weight}: expected >= 0")
-        if self.unsup_class_weight < 0:
-            raise ConfigError(f"unsup_class_weight={self.unsup_class_weight}: expected >= 0")
+        for name in ("unsup_class_weight", "unsup_mask_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected >= 0")

@@ -42,6 +42,7 @@ logger = logging.getLogger("semiseg.train")
 
 UNSUP_SUFFIX = "_unsup"
 CLASS_LOSS_PREFIX = "loss_ce"  # the classification terms of both meta-architectures (`semi.unsup_class_weight`)
+MASK_LOSS_PREFIXES = ("loss_mask", "loss_dice")  # their mask terms (`semi.unsup_mask_weight`)
 
 
 def init_teacher_and_student(cfg: Config, teacher: nn.Module, student: nn.Module) -> None:
@@ -140,9 +141,14 @@ class GuidedDistillationTrainer(Trainer):
                                      self.cfg.semi.pseudo_labels.score_weighted_loss)
         for name, value in self.model.loss(outputs, pseudo_labels,
                                            unmatched_weight=self.cfg.semi.unmatched_weight).items():
-            factor = self.cfg.semi.unsup_class_weight if name.startswith(CLASS_LOSS_PREFIX) else 1.0
-            losses[name + UNSUP_SUFFIX] = value * (weight * factor)
+            losses[name + UNSUP_SUFFIX] = value * (weight * self.term_factor(name))
         return losses
+
+    def term_factor(self, name: str) -> float:
+        """`semi.unsup_class_weight` for a classification term, `semi.unsup_mask_weight` for a mask term, else 1."""
+        if name.startswith(CLASS_LOSS_PREFIX):
+            return self.cfg.semi.unsup_class_weight
+        return self.cfg.semi.unsup_mask_weight if name.startswith(MASK_LOSS_PREFIXES) else 1.0
 
     # ----------------------------------------------------------------- models and state
     def checkpoint_models(self) -> dict[str, nn.Module]:
