@@ -20,6 +20,8 @@ from semi_supervised import final_ap, gap_closed, mean_std, timed_train
 
 from semiseg.demo import DemoSettings, base_overrides, student_overrides
 
+# results.json written before a stage-2 setting existed: the value those runs used
+RECIPE_BEFORE_SETTING = {"unsup_mask_weight": 1.0}
 VARIANTS = {
     "default": [],  # the benchmark's own student
     # the reference's design: a fresh student (pretrained backbone, random head) at stage 1's rate
@@ -43,6 +45,7 @@ VARIANTS = {
     "soft_classes": ["semi.pseudo_labels.class_targets=soft"],
     # unlabeled images teach classes only: the teachers' pseudo-masks are about as good as the 100 % model's
     "unsup_mask_0": ["semi.unsup_mask_weight=0"],
+    "unsup_mask_1": ["semi.unsup_mask_weight=1"],  # the reference's: the pseudo-masks' shapes taught too
     # the strong view without its Gaussian blur (sigma 0.1-2 px is the reference's for 1024 px canvases)
     "no_blur": ["data.augmentation.strong_blur_p=0"],
     # an upper bound of the stage-2 budget: the same schedule with the ground truth of every image (see run_variant)
@@ -53,7 +56,7 @@ VARIANTS = {
 def run_variant(folder: Path, name: str, device: str | None) -> dict:
     """Stage 2 of `variant` on the teacher of one benchmark folder -> its row."""
     demo = json.loads((folder / "results.json").read_text())
-    settings = DemoSettings(**demo["settings"])
+    settings = DemoSettings(**{**RECIPE_BEFORE_SETTING, **demo["settings"]})
     data = {k: Path(v) for k, v in demo["dataset"].items()}
     labeled = next((folder / "splits").glob("instances_train_*[0-9].json"))
     unlabeled = labeled.with_name(labeled.stem + "_unlabeled.json")

@@ -55,7 +55,9 @@ class DemoSettings:
     percent:             labeled share of the training images
     teacher_iters:       stage-1 iterations; student_iters: stage-2 iterations
     model:               a meta-architecture ("mask2former" or "maskdino"): its preset `semiseg:tiny_<model>`
-    burn_in_iter / ema_decay / student_init: the `semi:` settings of stage 2
+    burn_in_iter / ema_decay / student_init / unsup_mask_weight: the `semi:` settings of stage 2
+                         (unsup_mask_weight 0: the unlabeled images teach classes, not mask shapes;
+                         docs/guided_distillation.md)
     """
 
     num_train: int
@@ -73,6 +75,7 @@ class DemoSettings:
     num_workers: int
     num_overlays: int
     model: str = "mask2former"
+    unsup_mask_weight: float = 0.0
 
 
 DEFAULT = DemoSettings(num_train=1000, num_val=500, image_size=128, percent=10, batch_size=8,
@@ -272,7 +275,7 @@ def student_overrides(settings: DemoSettings, output_dir: Path, teacher_weights:
         f"data.unlabeled_batch_size={settings.batch_size}", "semi.enabled=true",
         f"semi.teacher_weights={teacher_weights}", f"semi.student_init={settings.student_init}",
         f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both",
-        "semi.pseudo_labels.nms_iou=0.5"]
+        "semi.pseudo_labels.nms_iou=0.5", f"semi.unsup_mask_weight={settings.unsup_mask_weight}"]
 
 
 def _schedule(iterations: int, lr: float) -> list[str]:

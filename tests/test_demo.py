@@ -37,6 +37,10 @@ def test_quick_demo_runs_the_pipeline_and_writes_results(demo):
         {"student.safetensors", "teacher.safetensors"}
     student_log = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_ce_unsup" in r for r in student_log)
+    student = yaml.safe_load((out / "student" / "config.yaml").read_text())  # unlabeled images teach classes only
+    assert student["semi"]["unsup_mask_weight"] == QUICK.unsup_mask_weight == 0.0
+    masks = [r["loss_mask_unsup"] for r in student_log if "loss_mask_unsup" in r]
+    assert masks and not any(masks)
     table = format_table(results)
     assert "teacher (4 labeled images)" in table and f"{results['gain']:+7.2f}" in table
     assert "100 % reference (all 40 images labeled)" in table and "of the teacher -> 100 % gap" in table
