@@ -77,7 +77,9 @@ def test_unknown_demo_model_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_maskdino_demo_trains_its_slower_teacher_longer():
-    assert default_settings("mask2former") == DEFAULT
-    assert default_settings("maskdino") == dataclasses.replace(DEFAULT, model="maskdino", teacher_iters=2000)
-    assert default_settings("maskdino", quick=True) == dataclasses.replace(QUICK, model="maskdino")
+def test_maskdino_demo_trains_its_slower_teacher_longer_and_keeps_the_unlabeled_mask_terms():
+    assert default_settings("mask2former") == DEFAULT and DEFAULT.unsup_mask_weight == 0.0
+    assert default_settings("maskdino") == dataclasses.replace(DEFAULT, model="maskdino", teacher_iters=2000,
+                                                               unsup_mask_weight=1.0)
+    assert default_settings("maskdino", quick=True) == dataclasses.replace(QUICK, model="maskdino",
+                                                                           unsup_mask_weight=1.0)
