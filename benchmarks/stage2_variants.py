@@ -43,7 +43,8 @@ VARIANTS = {
     "unsup_class_0.25": ["semi.unsup_class_weight=0.25"],
     # the teacher's class probabilities as targets instead of its top class
     "soft_classes": ["semi.pseudo_labels.class_targets=soft"],
-    # unlabeled images teach classes only: the teachers' pseudo-masks are about as good as the 100 % model's
+    # unlabeled images teach classes only: without classes the teachers are close to the 100 % models
+    # (benchmarks/class_agnostic_ap.py), and learning their pseudo-masks made the students' outlines worse
     "unsup_mask_0": ["semi.unsup_mask_weight=0"],
     "unsup_mask_1": ["semi.unsup_mask_weight=1"],  # the reference's: the pseudo-masks' shapes taught too
     # the strong view without its Gaussian blur (sigma 0.1-2 px is the reference's for 1024 px canvases)
