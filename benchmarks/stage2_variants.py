@@ -49,6 +49,10 @@ VARIANTS = {
     "unsup_mask_1": ["semi.unsup_mask_weight=1"],  # the reference's: the pseudo-masks' shapes taught too
     # the strong view without its Gaussian blur (sigma 0.1-2 px is the reference's for 1024 px canvases)
     "no_blur": ["data.augmentation.strong_blur_p=0"],
+    # unlabeled images: objects the teacher is unsure of (confidence between half the threshold and the
+    # threshold) are matched but give no loss, instead of being taught as "no object" (Mask2Former 0.7, Mask DINO 0.3)
+    "ignore_0.35": ["semi.pseudo_labels.ignore_threshold=0.35"],
+    "ignore_0.15": ["semi.pseudo_labels.ignore_threshold=0.15"],
     # an upper bound of the stage-2 budget: the same schedule with the ground truth of every image (see run_variant)
     "oracle": [],
 }

@@ -44,6 +44,9 @@ class Instances:
     class_probs: [N, K] float, a teacher's class probabilities (soft pseudo-labels), or None: the
                  criteria then use one-hot `labels` (Mask2Former normalises the rows to sum 1; Mask DINO's
                  focal loss takes them as they are)
+    ignore: [N] bool, True for an uncertain pseudo-object: the criteria match it like the others but
+            give the query matched to it no loss at all (it is taught neither a class nor "no
+            object"); None = every instance is a target
     """
 
     labels: torch.Tensor
@@ -51,6 +54,7 @@ class Instances:
     boxes: torch.Tensor
     scores: torch.Tensor | None = None
     class_probs: torch.Tensor | None = None
+    ignore: torch.Tensor | None = None
 
     @classmethod
     def from_masks(cls, labels: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor | None = None) -> "Instances":
@@ -67,15 +71,22 @@ class Instances:
     def image_size(self) -> tuple[int, int]:
         return int(self.masks.shape[-2]), int(self.masks.shape[-1])
 
+    @property
+    def num_targets(self) -> int:
+        """The instances that are not ignored."""
+        return len(self) if self.ignore is None else int((~self.ignore).sum())
+
+    def confident(self) -> "Instances":
+        """The instances that are not ignored (`ignore` dropped)."""
+        return self if self.ignore is None else replace(self[~self.ignore], ignore=None)
+
     def __getitem__(self, keep: torch.Tensor | slice) -> "Instances":
         return Instances(self.labels[keep], self.masks[keep], self.boxes[keep],
-                         None if self.scores is None else self.scores[keep],
-                         None if self.class_probs is None else self.class_probs[keep])
+                         *(None if t is None else t[keep] for t in (self.scores, self.class_probs, self.ignore)))
 
     def to(self, device: torch.device | str) -> "Instances":
         return Instances(self.labels.to(device), self.masks.to(device), self.boxes.to(device),
-                         None if self.scores is None else self.scores.to(device),
-                         None if self.class_probs is None else self.class_probs.to(device))
+                         *(None if t is None else t.to(device) for t in (self.scores, self.class_probs, self.ignore)))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ For every prediction set (final and each auxiliary one, each matched independent
   loss_dice 1 - soft dice on the same points, summed over pairs / num_masks
 The points are `num_points` per pair: the most uncertain of an oversampled uniform draw plus
 uniform ones. Terms are returned already multiplied by their weights; aux terms get `_{i}` suffixes.
+Targets flagged `ignore` (uncertain pseudo-objects) take part in the matching, but the query matched
+to one gets no loss: it is left out of loss_ce, loss_mask, loss_dice and of num_masks.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from torch import nn
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.models.point_sampling import get_uncertain_point_coords_with_randomness, point_sample
 from semiseg.structures import Instances
+
+Indices = list[tuple[torch.Tensor, torch.Tensor]]  # per image (query indices, target indices) of matched pairs
+IGNORE_INDEX = -100  # F.cross_entropy's default: a query with this target adds nothing to loss_ce
 
 
 def sigmoid_bce_loss(logits: torch.Tensor, labels: torch.Tensor, num_masks: float) -> torch.Tensor:
@@ -43,13 +48,23 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_weight
 
 
 def average_num_masks(targets: Sequence[Instances], device: torch.device) -> float:
-    """Targets per rank: the batch total, averaged over ranks when torch.distributed runs, at least 1."""
-    num = torch.tensor([float(sum(len(t) for t in targets))], device=device)
+    """Targets (not ignored) per rank: the batch total, averaged over ranks when torch.distributed runs, at least 1."""
+    num = torch.tensor([float(sum(t.num_targets for t in targets))], device=device)
     world = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(num)
         world = dist.get_world_size()
     return max(num.item() / world, 1.0)
+
+
+def split_ignored(targets: Sequence[Instances], indices: Indices) -> tuple[Indices, list[torch.Tensor]]:
+    """A matching -> (its pairs whose target is not ignored, per image the queries matched to ignored targets)."""
+    kept, ignored = [], []
+    for target, (src, tgt) in zip(targets, indices):
+        flags = torch.zeros_like(tgt, dtype=torch.bool) if target.ignore is None else target.ignore.to(tgt.device)[tgt]
+        kept.append((src[~flags], tgt[~flags]))
+        ignored.append(src[flags])
+    return kept, ignored
 
 
 class SetCriterion(nn.Module):
@@ -73,11 +88,13 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
 
-    def loss_labels(self, pred_logits: torch.Tensor, targets: Sequence[Instances],
-                    indices: list[tuple[torch.Tensor, torch.Tensor]], unmatched_weight: float = 1.0) -> torch.Tensor:
-        """pred_logits [B, Q, K+1] -> weighted cross-entropy over all queries.
+    def loss_labels(self, pred_logits: torch.Tensor, targets: Sequence[Instances], indices: Indices,
+                    unmatched_weight: float = 1.0, ignored: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """pred_logits [B, Q, K+1] -> weighted cross-entropy over all queries but the `ignored` ones.
 
+        indices:          the matched pairs whose targets are not ignored
         unmatched_weight: multiplies the "no object" class weight (the unmatched queries' target).
+        ignored:          per image, queries left out of the loss (matched to ignored targets)
         Targets with `class_probs` (soft pseudo-labels) give their matched queries those probabilities,
         normalised over the K classes, instead of a one-hot row.
         """
@@ -90,16 +107,20 @@ class SetCriterion(nn.Module):
         if unmatched_weight != 1.0:
             class_weights = torch.cat([class_weights[:-1], class_weights[-1:] * unmatched_weight])
         if all(t.class_probs is None for t in targets):
-            return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weights)
+            for i, queries in enumerate(ignored):
+                target_classes[i, queries.to(device)] = IGNORE_INDEX
+            return F.cross_entropy(pred_logits.float().transpose(1, 2), target_classes, class_weights,
+                                   ignore_index=IGNORE_INDEX)
         soft = F.one_hot(target_classes, self.num_classes + 1).float()  # [B, Q, K+1]
         for i, (target, (src, tgt)) in enumerate(zip(targets, indices)):
             if target.class_probs is not None:
                 probs = target.class_probs.to(device).float()[tgt.to(device)]
                 soft[i, src.to(device), :-1] = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
+        for i, queries in enumerate(ignored):
+            soft[i, queries.to(device)] = 0.0  # a zero row adds nothing to the loss nor to its normaliser
         return soft_cross_entropy(pred_logits.float(), soft, class_weights)
 
-    def loss_masks(self, pred_masks: torch.Tensor, targets: Sequence[Instances],
-                   indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float,
+    def loss_masks(self, pred_masks: torch.Tensor, targets: Sequence[Instances], indices: Indices, num_masks: float,
                    coords: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """pred_masks [B, Q, h, w] -> (BCE, dice) on uncertainty-sampled points of the matched pairs.
 
@@ -127,8 +148,8 @@ class SetCriterion(nn.Module):
     def losses_for(self, outputs: dict, targets: Sequence[Instances], num_masks: float, suffix: str = "",
                    unmatched_weight: float = 1.0) -> dict:
         """Weighted loss terms of one prediction set, matched on its own."""
-        indices = self.matcher(outputs, targets)
-        loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices, unmatched_weight)
+        indices, ignored = split_ignored(targets, self.matcher(outputs, targets))
+        loss_ce = self.loss_labels(outputs["pred_logits"], targets, indices, unmatched_weight, ignored)
         loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
         raw = {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
         return {f"{k}{suffix}": v * self.weights[k] for k, v in raw.items()}

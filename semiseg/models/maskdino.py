@@ -216,9 +216,11 @@ class MaskDINO(nn.Module):
 
     def denoising_queries(self, targets: Sequence[Instances], noise: DenoisingNoise | None = None
                           ) -> DenoisingQueries | None:
-        """DN queries from the targets' labels and canvas-normalised boxes (None: no DN this batch)."""
+        """DN queries from the targets' labels and canvas-normalised boxes (None: no DN this batch);
+        instances flagged `ignore` get none."""
         predictor = self.sem_seg_head.predictor
         device = predictor.label_enc.weight.device
+        targets = [t.confident() for t in targets]
         labels = [t.labels.to(device) for t in targets]
         boxes = [normalized_cxcywh(t.boxes.to(device), t.image_size) for t in targets]
         return build_denoising_queries(labels, boxes, predictor.label_enc, self.cfg.num_queries, self.cfg.dn_num,

@@ -14,6 +14,9 @@ without the mask terms when `dn == "standard"`. A batch built without DN queries
 more objects in an image than `dn_num`) gets zero DN terms. Terms come weighted.
 
 Target boxes are the targets' xyxy pixel boxes normalised by their own canvas (the padded input).
+Targets flagged `ignore` (uncertain pseudo-objects) are matched in the matched sets, but the query
+matched to one gets no loss (a zero focal row weight, no mask or box terms); the model builds no
+denoising queries for them, so the DN sets see the other targets only.
 """
 from __future__ import annotations
 
@@ -24,12 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from semiseg.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, normalized_cxcywh
-from semiseg.models.mask2former_criterion import SetCriterion, average_num_masks
+from semiseg.models.mask2former_criterion import Indices, SetCriterion, average_num_masks, split_ignored
 from semiseg.models.matcher import HungarianMatcher
 from semiseg.structures import Instances
 
 DN_MODES = ("no", "standard", "seg")
-Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: float, alpha: float = 0.25,
@@ -84,10 +86,12 @@ class MaskDINOCriterion(SetCriterion):
         self.dn = dn
 
     def loss_focal(self, pred_logits: torch.Tensor, targets: Sequence[Instances], indices: Indices,
-                   num_masks: float, unmatched_weight: float = 1.0) -> torch.Tensor:
+                   num_masks: float, unmatched_weight: float = 1.0, ignored: Sequence[torch.Tensor] = ()
+                   ) -> torch.Tensor:
         """pred_logits [B, N, K] -> focal loss against one-hot rows of the matched labels
-        (the all-zero rows of unmatched queries scaled by `unmatched_weight`). Targets with
-        `class_probs` (soft pseudo-labels) give their matched queries those probabilities as row."""
+        (the all-zero rows of unmatched queries scaled by `unmatched_weight`, the `ignored` queries'
+        rows by 0). Targets with `class_probs` (soft pseudo-labels) give their matched queries those
+        probabilities as row."""
         device = pred_logits.device
         rows = torch.zeros_like(pred_logits, dtype=torch.float32)
         matched = torch.zeros(pred_logits.shape[:2], device=device)  # [B, N]: 1 for matched queries
@@ -99,8 +103,10 @@ class MaskDINOCriterion(SetCriterion):
                 rows[b, src] = target.class_probs.to(device).float()[tgt]
             matched[b, src] = 1.0
         row_weights = None
-        if unmatched_weight != 1.0:
+        if unmatched_weight != 1.0 or any(len(queries) for queries in ignored):
             row_weights = matched + unmatched_weight * (1 - matched)
+            for b, queries in enumerate(ignored):
+                row_weights[b, queries.to(device)] = 0.0
         return sigmoid_focal_loss(pred_logits.float(), rows, num_masks, self.focal_alpha, self.focal_gamma,
                                   row_weights)
 
@@ -118,8 +124,10 @@ class MaskDINOCriterion(SetCriterion):
     def set_losses(self, outputs: Mapping, targets: Sequence[Instances], target_boxes: Sequence[torch.Tensor],
                    indices: Indices, num_masks: float, with_masks: bool = True,
                    coords: torch.Tensor | None = None, unmatched_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """Unweighted terms of one prediction set with a given assignment."""
-        losses = {"loss_ce": self.loss_focal(outputs["pred_logits"], targets, indices, num_masks, unmatched_weight)}
+        """Unweighted terms of one prediction set with a given assignment (pairs with ignored targets get none)."""
+        indices, ignored = split_ignored(targets, indices)
+        losses = {"loss_ce": self.loss_focal(outputs["pred_logits"], targets, indices, num_masks, unmatched_weight,
+                                             ignored)}
         if with_masks:
             losses["loss_mask"], losses["loss_dice"] = self.loss_masks(
                 outputs["pred_masks"], targets, indices, num_masks, coords=coords)
@@ -152,7 +160,9 @@ class MaskDINOCriterion(SetCriterion):
                                   unmatched_weight=unmatched_weight)
             losses.update(self.weighted(raw, suffix))
         if self.dn != "no":
-            losses.update(self.denoising_losses(outputs, targets, target_boxes, num_masks, points))
+            confident = [t.confident() for t in targets]  # the model's denoising queries come from these
+            confident_boxes = [normalized_cxcywh(t.boxes.to(device), t.image_size) for t in confident]
+            losses.update(self.denoising_losses(outputs, confident, confident_boxes, num_masks, points))
         return losses
 
     def denoising_losses(self, outputs: Mapping, targets: Sequence[Instances], target_boxes: Sequence[torch.Tensor],

@@ -13,6 +13,7 @@
       labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
       eval_who: student              # student | teacher | both
       pseudo_labels: {min_area: 5.0, mask_threshold: 0.5, box_source: mask}  # score_threshold, nms_iou: by model
+                                     # ignore_threshold (off): unsure pseudo-objects get no loss
 
 Unlabeled images come from `data.unlabeled` (+ `data.unlabeled_images`), `data.unlabeled_batch_size`
 of them per iteration.
@@ -47,6 +48,9 @@ class PseudoLabelConfig:
                          `pseudo_label_defaults` (off for Mask2Former, the reference; 0.5 for Mask DINO)
     class_targets:       hard: the student learns the teacher's top class (the reference); soft: its
                          class probabilities (Mask2Former: normalised over the K classes)
+    ignore_threshold:    queries with a confidence between this and the threshold become ignored
+                         pseudo-objects: the student's query matched to one gets no loss instead of
+                         being taught "no object" (None: off, the reference)
     """
 
     score_threshold: float | None = None
@@ -57,11 +61,12 @@ class PseudoLabelConfig:
     box_source: Literal["mask", "head"] = "mask"
     nms_iou: float | None = None
     class_targets: Literal["hard", "soft"] = "hard"
+    ignore_threshold: float | None = None
 
     def __post_init__(self) -> None:
         self.class_thresholds = tuple(self.class_thresholds)
         for name, value in [("score_threshold", self.score_threshold), ("mask_threshold", self.mask_threshold),
-                            ("nms_iou", self.nms_iou),
+                            ("nms_iou", self.nms_iou), ("ignore_threshold", self.ignore_threshold),
                             *((f"class_thresholds[{i}]", t) for i, t in enumerate(self.class_thresholds))]:
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value}: expected a value in [0, 1]")
@@ -70,12 +75,16 @@ class PseudoLabelConfig:
 
     def build_filter(self, defaults: PseudoLabelDefaults) -> ThresholdFilter:
         """The filter for a model whose `pseudo_label_defaults` are `defaults` (used for unset values)."""
+        score_threshold = defaults.score_threshold if self.score_threshold is None else self.score_threshold
+        lowest = min((score_threshold, *self.class_thresholds))
+        if self.ignore_threshold is not None and self.ignore_threshold >= lowest:
+            raise ConfigError(f"semi.pseudo_labels.ignore_threshold={self.ignore_threshold}: expected a value below "
+                              f"the pseudo-label threshold ({lowest})")
         return ThresholdFilter(
-            score_threshold=defaults.score_threshold if self.score_threshold is None else self.score_threshold,
-            min_area=self.min_area, mask_threshold=self.mask_threshold,
+            score_threshold=score_threshold, min_area=self.min_area, mask_threshold=self.mask_threshold,
             class_thresholds=self.class_thresholds or None, box_source=self.box_source,
             nms_iou=defaults.nms_iou if self.nms_iou is None else self.nms_iou,
-            soft_classes=self.class_targets == "soft")
+            soft_classes=self.class_targets == "soft", ignore_threshold=self.ignore_threshold)
 
 
 @dataclass

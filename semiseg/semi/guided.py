@@ -67,7 +67,7 @@ def unsupervised_weight(pseudo_labels: list[Instances], base_weight: float, scor
     """
     if not score_weighted:
         return base_weight
-    scores = [p.scores for p in pseudo_labels if p.scores is not None and len(p)]
+    scores = [p.confident().scores for p in pseudo_labels if p.scores is not None and p.num_targets]
     return base_weight * (float(torch.cat(scores).mean()) if scores else 1.0)
 
 
@@ -88,7 +88,8 @@ class GuidedDistillationTrainer(Trainer):
         super().__init__(cfg, student, streams, run, device, info, evaluate)
         self.teacher = freeze(teacher)
         self.pseudo_labeler = pseudo_labeler or cfg.semi.pseudo_labels.build_filter(student.pseudo_label_defaults)
-        self.pseudo_label_count = 0  # pseudo-instances made since the last log line
+        self.pseudo_label_count = 0  # pseudo-instances made since the last log line (not ignored)
+        self.ignored_count = 0  # ignored pseudo-instances (semi.pseudo_labels.ignore_threshold) since then
         self.pseudo_label_images = 0
 
     @property
@@ -108,9 +109,11 @@ class GuidedDistillationTrainer(Trainer):
             logger.info("iteration %d: end of burn-in, teacher <- student; EMA (decay %g) from now on",
                         iteration, semi.ema_decay)
         if iteration % self.cfg.train.log_period == 0 and self.pseudo_label_images:
-            logger.info("iteration %d: %.2f pseudo-instances per unlabeled image", iteration,
-                        self.pseudo_label_count / self.pseudo_label_images)
-            self.pseudo_label_count = self.pseudo_label_images = 0
+            ignored = (f" (+ {self.ignored_count / self.pseudo_label_images:.2f} ignored)"
+                       if semi.pseudo_labels.ignore_threshold is not None else "")
+            logger.info("iteration %d: %.2f pseudo-instances per unlabeled image%s", iteration,
+                        self.pseudo_label_count / self.pseudo_label_images, ignored)
+            self.pseudo_label_count = self.ignored_count = self.pseudo_label_images = 0
 
     @torch.no_grad()
     def make_pseudo_labels(self, batch: Batch) -> list[Instances]:
@@ -119,7 +122,8 @@ class GuidedDistillationTrainer(Trainer):
         with torch.autocast(device_type=self.device.type, enabled=False):
             outputs = self.teacher(batch.images, batch.image_sizes)
             pseudo_labels = self.pseudo_labeler(self.teacher.pseudo_label_candidates(outputs), batch.image_sizes)
-        self.pseudo_label_count += sum(len(p) for p in pseudo_labels)
+        self.pseudo_label_count += sum(p.num_targets for p in pseudo_labels)
+        self.ignored_count += sum(len(p) - p.num_targets for p in pseudo_labels)
         self.pseudo_label_images += len(pseudo_labels)
         return pseudo_labels
 

@@ -40,6 +40,11 @@ class ThresholdFilter:
     the confidence, so a loss may weight pseudo-instances by it. With `soft_classes`, `class_probs`
     carries the teacher's class probabilities [N, K], which the criteria then use as soft targets.
 
+    With `ignore_threshold` set (below the thresholds above), a query that passes every test but
+    the confidence one, with confidence > `ignore_threshold`, becomes an *ignored* pseudo-instance
+    (`Instances.ignore`; NMS treats it like the others): the student's query matched to it gets no
+    loss, so an object the teacher is unsure of is taught neither a class nor "no object".
+
     Deviation from the reference: mask pixels in the padding (outside `image_sizes`) are cleared
     before the area test, so a pseudo-mask never claims padding.
     """
@@ -52,6 +57,7 @@ class ThresholdFilter:
     box_source: Literal["mask", "head"] = "mask"
     nms_iou: float = 1.0
     soft_classes: bool = False
+    ignore_threshold: float | None = None
 
     def __call__(self, candidates: PseudoLabelCandidates,
                  image_sizes: Sequence[tuple[int, int]]) -> list[Instances]:
@@ -66,7 +72,9 @@ class ThresholdFilter:
         confidence, labels = probs.max(dim=2)  # [B, Q]
         threshold = self._thresholds(num_classes, probs.device)[labels]  # [B, Q]
         soft = mask_logits.sigmoid() * self._valid_region(mask_logits, image_sizes)  # [B, Q, h, w]
-        keep = candidates.is_object & (confidence > threshold) & (soft.sum(dim=(2, 3)) > self.min_area)
+        candidate = candidates.is_object & (soft.sum(dim=(2, 3)) > self.min_area)
+        confident = candidate & (confidence > threshold)
+        keep = confident if self.ignore_threshold is None else candidate & (confidence > self.ignore_threshold)
         results = []
         for b in range(num_images):
             idx = keep[b].nonzero().view(-1)
@@ -75,6 +83,8 @@ class ThresholdFilter:
                 survivors = mask_nms(masks, confidence[b, idx], self.nms_iou)
                 idx, masks = idx[survivors], masks[survivors]
             instances = Instances.from_masks(labels[b, idx], masks, scores=confidence[b, idx])
+            if self.ignore_threshold is not None:
+                instances = replace(instances, ignore=~confident[b, idx])
             if self.soft_classes:
                 instances = replace(instances, class_probs=probs[b, idx])
             if self.box_source == "head":
