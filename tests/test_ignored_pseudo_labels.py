@@ -33,9 +33,10 @@ def test_filter_flags_the_queries_between_the_two_thresholds():
         (1, 0.9, region),            # confident
         (2, 0.5, other),             # uncertain: ignored
         (0, 0.2, other),             # below the ignore threshold: dropped
-        (NUM_CLASSES, 0.6, other),   # "no object" wins: dropped whatever its confidence
+        (NUM_CLASSES, 0.6, other),   # "no object" wins (below: its top class 0.35): dropped
         (0, 0.45, (slice(0, 4), slice(0, 3))),  # uncertain duplicate of the confident one: NMS drops it
     ])
+    candidates.class_probs[0, 3] = torch.tensor([0.35, 0.03, 0.02])  # above the ignore threshold, not an object
     (pl,) = ThresholdFilter(ignore_threshold=0.3, nms_iou=0.5)(candidates, [(32, 32)])
     assert pl.labels.tolist() == [1, 2] and pl.ignore.tolist() == [False, True]
     assert pl.num_targets == 1 and pl.confident().labels.tolist() == [1] and pl.confident().ignore is None

@@ -160,9 +160,10 @@ class MaskDINOCriterion(SetCriterion):
                                   unmatched_weight=unmatched_weight)
             losses.update(self.weighted(raw, suffix))
         if self.dn != "no":
-            confident = [t.confident() for t in targets]  # the model's denoising queries come from these
-            confident_boxes = [normalized_cxcywh(t.boxes.to(device), t.image_size) for t in confident]
-            losses.update(self.denoising_losses(outputs, confident, confident_boxes, num_masks, points))
+            # the model's denoising queries come from the targets that are not ignored
+            confident_boxes = [boxes if t.ignore is None else boxes[~t.ignore] for t, boxes in zip(targets, target_boxes)]
+            losses.update(self.denoising_losses(outputs, [t.confident() for t in targets], confident_boxes,
+                                                num_masks, points))
         return losses
 
     def denoising_losses(self, outputs: Mapping, targets: Sequence[Instances], target_boxes: Sequence[torch.Tensor],
