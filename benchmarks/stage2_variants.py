@@ -19,6 +19,7 @@ from pathlib import Path
 from semi_supervised import final_ap, gap_closed, mean_std, timed_train
 
 from semiseg.demo import DemoSettings, base_overrides, student_overrides
+from semiseg.errors import SemisegError
 
 # results.json written before a stage-2 setting existed: the value those runs used
 RECIPE_BEFORE_SETTING = {"unsup_mask_weight": 1.0}
@@ -72,7 +73,10 @@ def run_variant(folder: Path, name: str, device: str | None) -> dict:
     if name == "oracle":  # perfect pseudo-labels: the teacher trained on every training image's ground truth
         overrides += ["semi.enabled=false", f"data.train_ann={data['train_ann']}", f"model.weights={teacher}",
                       f"data.batch_size={2 * settings.batch_size}"]  # the labeled + unlabeled images of a step
-    ap = final_ap(run) or timed_train(overrides, run)[0]
+    try:
+        ap = final_ap(run) or timed_train(overrides, run)[0]
+    except SemisegError as err:  # e.g. a variant's threshold that does not fit this model
+        raise SystemExit(f"{folder}: variant {name}: {err}") from None
     student = ap.get("student", ap.get("model"))
     row = {"folder": str(folder), "variant": name, "teacher": demo["teacher"]["mask_AP"],
            "full": demo["full"]["mask_AP"], "student": student, "ema_teacher": ap.get("teacher", student)}

@@ -56,6 +56,9 @@ def test_quick_benchmark_on_a_coco_dataset_given_with_ann(tmp_path):
         assert bench.main(args) == table  # finished runs are reused
         with benchmark_script("stage2_variants") as variants:  # the oracle: the same stage 2 with every label
             oracle = variants.main([str(out), "--variants", "oracle", "--device", "cpu"])
+            variants.VARIANTS["too_high"] = ["semi.pseudo_labels.ignore_threshold=0.9"]  # above Mask2Former's 0.7
+            with pytest.raises(SystemExit, match=r"p10_s0: variant too_high: .*ignore_threshold=0.9: expected a value below"):
+                variants.main([str(out), "--variants", "too_high", "--device", "cpu"])
     summary = json.loads((out / "summary.json").read_text())
     (row,) = summary["rows"]
     assert row["percent"] == 10 and all(0.0 <= row[k] <= 100.0 for k in ("teacher", "student", "control", "full"))
