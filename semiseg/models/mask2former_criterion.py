@@ -61,7 +61,11 @@ def split_ignored(targets: Sequence[Instances], indices: Indices) -> tuple[Indic
     """A matching -> (its pairs whose target is not ignored, per image the queries matched to ignored targets)."""
     kept, ignored = [], []
     for target, (src, tgt) in zip(targets, indices):
-        flags = torch.zeros_like(tgt, dtype=torch.bool) if target.ignore is None else target.ignore.to(tgt.device)[tgt]
+        if target.ignore is None:  # ground truth: every pair is kept, as matched
+            kept.append((src, tgt))
+            ignored.append(src[:0])
+            continue
+        flags = target.ignore.to(tgt.device)[tgt]
         kept.append((src[~flags], tgt[~flags]))
         ignored.append(src[flags])
     return kept, ignored
