@@ -42,13 +42,18 @@ def train(cfg: Config, resume: bool = False) -> Path:
     limit_cpu_threads(device, cfg.data.num_workers)
     joined = init_distributed(device)
     try:
-        trainer = build_trainer(cfg, device, resume or cfg.train.resume)
-        trainer.train()
-        return trainer.run.root
+        return run_training(cfg, device, resume or cfg.train.resume)
     finally:
         close_run_log()
         if joined:
             destroy_distributed()
+
+
+def run_training(cfg: Config, device: torch.device, resume: bool | str) -> Path:
+    """Build and run the trainer; it (and its DDP model) is out of scope when this returns."""
+    trainer = build_trainer(cfg, device, resume)
+    trainer.train()
+    return trainer.run.root
 
 
 def build_trainer(cfg: Config, device: torch.device, resume: bool | str) -> Trainer:

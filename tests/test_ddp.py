@@ -37,26 +37,32 @@ def real_model_overrides(synth: dict, run: Path) -> list[str]:
 
 def worker(rank: int, port: int, tmp: str, synth: dict) -> None:
     from semiseg.engine.distributed import destroy_distributed, init_distributed
-    from semiseg.training import build_trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     init_distributed(torch.device("cpu"))
     try:
-        toy = toy_trainer(toy_config(Path(tmp) / "toy_ddp", "data.batch_size=4"), rank=rank, world_size=2)
-        toy.train()
-        torch.save(parameters(toy.model), Path(tmp) / f"toy_rank{rank}.pt")
-
-        cfg = load_config(REPO / "configs" / "synthetic_mask2former_tiny.yaml",
-                          real_model_overrides(synth, Path(tmp) / "m2f_ddp"))
-        trainer = build_trainer(cfg, torch.device("cpu"), resume=False)
-        trainer.train()
-        # Parameters only: BatchNorm running statistics are rank-local between forwards (DDP copies
-        # rank 0's buffers at the start of every forward, and checkpoints come from rank 0).
-        torch.save({k: p.detach() for k, p in trainer.model.named_parameters()}, Path(tmp) / f"m2f_rank{rank}.pt")
+        train_and_save(rank, tmp, synth)
     finally:
         destroy_distributed()
+
+
+def train_and_save(rank: int, tmp: str, synth: dict) -> None:
+    """Both trainings of this rank; their trainers are out of scope on return (see `destroy_distributed`)."""
+    from semiseg.training import build_trainer
+
+    toy = toy_trainer(toy_config(Path(tmp) / "toy_ddp", "data.batch_size=4"), rank=rank, world_size=2)
+    toy.train()
+    torch.save(parameters(toy.model), Path(tmp) / f"toy_rank{rank}.pt")
+
+    cfg = load_config(REPO / "configs" / "synthetic_mask2former_tiny.yaml",
+                      real_model_overrides(synth, Path(tmp) / "m2f_ddp"))
+    trainer = build_trainer(cfg, torch.device("cpu"), resume=False)
+    trainer.train()
+    # Parameters only: BatchNorm running statistics are rank-local between forwards (DDP copies
+    # rank 0's buffers at the start of every forward, and checkpoints come from rank 0).
+    torch.save({k: p.detach() for k, p in trainer.model.named_parameters()}, Path(tmp) / f"m2f_rank{rank}.pt")
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
@@ -82,3 +88,24 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     evaluation = [r for r in records if "eval" in r][0]["eval"]["model"]
     assert set(evaluation) == {"segm", "bbox"} and evaluation["segm"]["AP"] >= 0
     assert (tmp_path / "m2f_ddp" / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+def test_destroy_distributed_frees_a_ddp_model_held_by_a_reference_cycle(tmp_path):
+    """Otherwise gloo's group outlives it until interpreter shutdown, where it can abort the process."""
+    import gc
+    import weakref
+
+    from semiseg.engine.distributed import destroy_distributed, wrap_ddp
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    gc.disable()  # only destroy_distributed may collect the cycle
+    try:
+        ddp = wrap_ddp(torch.nn.Linear(2, 2), torch.device("cpu"))
+        ddp.cycle = [ddp]
+        alive = weakref.ref(ddp)
+        del ddp
+        assert alive() is not None
+        destroy_distributed()
+        assert alive() is None and not torch.distributed.is_initialized()
+    finally:
+        gc.enable()

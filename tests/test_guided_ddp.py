@@ -25,21 +25,26 @@ def free_port() -> int:
 
 def worker(rank: int, port: int, tmp: str, data_paths: dict) -> None:
     from semiseg.engine.distributed import destroy_distributed, init_distributed
-    from semiseg.training import build_trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     init_distributed(torch.device("cpu"))
     try:
-        cfg = gd_config(data_paths, Path(tmp) / "run", "solver.max_iter=3", "semi.burn_in_iter=1",
-                        "semi.ema_decay=0.5")
-        trainer = build_trainer(cfg, torch.device("cpu"), resume=False)
-        trainer.train()
-        torch.save({"student": {k: p.detach() for k, p in trainer.student.named_parameters()},
-                    "teacher": trainer.teacher.state_dict()}, Path(tmp) / f"rank{rank}.pt")
+        train_and_save(rank, tmp, data_paths)
     finally:
         destroy_distributed()
+
+
+def train_and_save(rank: int, tmp: str, data_paths: dict) -> None:
+    """Train this rank; its trainer is out of scope on return (so `destroy_distributed` frees its DDP)."""
+    from semiseg.training import build_trainer
+
+    cfg = gd_config(data_paths, Path(tmp) / "run", "solver.max_iter=3", "semi.burn_in_iter=1", "semi.ema_decay=0.5")
+    trainer = build_trainer(cfg, torch.device("cpu"), resume=False)
+    trainer.train()
+    torch.save({"student": {k: p.detach() for k, p in trainer.student.named_parameters()},
+                "teacher": trainer.teacher.state_dict()}, Path(tmp) / f"rank{rank}.pt")
 
 
 def test_two_gloo_ranks_run_guided_distillation_in_step(data, tmp_path):  # noqa: F811

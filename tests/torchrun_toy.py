@@ -23,29 +23,33 @@ TOY_OVERRIDES = ("data.batch_size=4", "solver.max_iter=8", "train.checkpoint_per
                  "train.resume=auto")
 
 
+def train_and_save(out: Path, kill_at: int, max_iter: str) -> None:
+    """Train this rank (the trainer is out of scope on return, so `destroy_distributed` can free its DDP)."""
+    cfg = toy_config(out / "run", *TOY_OVERRIDES, f"solver.max_iter={max_iter}")
+    rank = get_rank()
+    trainer = toy_trainer(cfg, resume=should_resume(out / "run", "auto"), rank=rank, world_size=get_world_size())
+    if rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        step = trainer.run_step
+
+        def dying_step(iteration: int):
+            if iteration == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(iteration)
+
+        trainer.run_step = dying_step
+    trainer.train()
+    torch.save(parameters(trainer.model), out / f"rank{rank}.pt")
+
+
 def main() -> None:
     out, kill_at = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else -1
     max_iter = sys.argv[3] if len(sys.argv) > 3 else "8"
     torch.set_num_threads(1)
     init_distributed(torch.device("cpu"))
     try:
-        cfg = toy_config(out / "run", *TOY_OVERRIDES, f"solver.max_iter={max_iter}")
-        rank = get_rank()
-        trainer = toy_trainer(cfg, resume=should_resume(out / "run", "auto"), rank=rank, world_size=get_world_size())
-        if rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
-            step = trainer.run_step
-
-            def dying_step(iteration: int):
-                if iteration == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return step(iteration)
-
-            trainer.run_step = dying_step
-        trainer.train()
-        torch.save(parameters(trainer.model), out / f"rank{rank}.pt")
+        train_and_save(out, kill_at, max_iter)
     finally:
         destroy_distributed()
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ their input, `barrier` does nothing. Under `torchrun` (env vars `RANK`, `WORLD_S
 """
 from __future__ import annotations
 
+import gc
 import os
 import random
 from datetime import timedelta
@@ -95,7 +96,14 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> bool:
 
 
 def destroy_distributed() -> None:
+    """Leave the process group. Call it once the models wrapped by `wrap_ddp` are out of scope.
+
+    A DDP model kept alive by a reference cycle also keeps its gloo/nccl group alive: freed at
+    interpreter shutdown, gloo's threads abort the process ("terminate called without an active
+    exception", SIGABRT) after training succeeded. Collecting the cycles first frees it here.
+    """
     if is_distributed():
+        gc.collect()
         dist.destroy_process_group()
 
 
