@@ -2,10 +2,15 @@
 
 Runs a trained model (Mask2Former or Mask DINO) on labeled images as if they were unlabeled, applies
 the Guided Distillation filter (`semi.pseudo_labels`) at several confidence thresholds and compares
-the pseudo-instances with the ground truth at the pseudo-masks' resolution (1/4). A pseudo-instance
-is correct when it matches a ground-truth instance of its class with mask IoU >= 0.5; matching is
-one-to-one in order of confidence, so duplicates count as wrong. Used to calibrate the threshold
-(the Mask DINO default was chosen with it; see docs/guided_distillation.md).
+the pseudo-instances with the ground truth at the pseudo-masks' resolution (1/4, or the input's with
+`--mask-upsampling 4`). A pseudo-instance is correct when it matches a ground-truth instance of its
+class with mask IoU >= 0.5; matching is one-to-one in order of confidence, so duplicates count as
+wrong. Used to calibrate the threshold (the Mask DINO default was chosen with it; see
+docs/guided_distillation.md).
+
+`--input-resolution` compares at the input's resolution whatever the pseudo-masks' (a 1/4 pseudo-mask
+covers the input pixel blocks under its pixels), so that `--mask-upsampling 1` and `4` are judged
+alike. The class-agnostic precision at IoU >= 0.75 says how well the pseudo-masks outline what they find.
 
 `--flip agree|average` tries a flip test-time augmentation of the teacher: it also sees the image
 flipped horizontally, and each query is paired with the flipped view's query whose flipped-back mask
@@ -42,19 +47,21 @@ class Tally:
     pseudo: int = 0
     correct: int = 0  # right class, IoU >= 0.5, first match of its ground truth
     located: int = 0  # the same, ignoring the class
+    outlined: int = 0  # located with IoU >= 0.75
     truth: int = 0
 
     def row(self, threshold: float, images: int) -> str:
         precision = self.correct / max(self.pseudo, 1)
         agnostic = self.located / max(self.pseudo, 1)
         recall = self.correct / max(self.truth, 1)
-        return (f"| {threshold:.2f} | {self.pseudo / images:.2f} | {precision:.2f} | {agnostic:.2f} | {recall:.2f} "
-                f"| {2 * precision * recall / max(precision + recall, 1e-9):.2f} |")
+        outlined = self.outlined / max(self.pseudo, 1)
+        return (f"| {threshold:.2f} | {self.pseudo / images:.2f} | {precision:.2f} | {agnostic:.2f} | {outlined:.2f} "
+                f"| {recall:.2f} | {2 * precision * recall / max(precision + recall, 1e-9):.2f} |")
 
 
-def greedy_matches(pred_masks: torch.Tensor, truth_masks: torch.Tensor) -> list[int]:
+def greedy_matches(pred_masks: torch.Tensor, truth_masks: torch.Tensor, iou_match: float = IOU_MATCH) -> list[int]:
     """pred_masks [P, h, w] (by decreasing confidence), truth_masks [T, h, w] bool -> for each prediction
-    the index of the ground truth it claims (IoU >= 0.5, each ground truth once) or -1."""
+    the index of the ground truth it claims (IoU >= iou_match, each ground truth once) or -1."""
     if len(pred_masks) == 0 or len(truth_masks) == 0:
         return [-1] * len(pred_masks)
     p, t = pred_masks.flatten(1).float(), truth_masks.flatten(1).float()
@@ -66,17 +73,17 @@ def greedy_matches(pred_masks: torch.Tensor, truth_masks: torch.Tensor) -> list[
         row = row.clone()
         row[list(taken)] = -1
         best = int(row.argmax())
-        matches.append(best if row[best] >= IOU_MATCH else -1)
+        matches.append(best if row[best] >= iou_match else -1)
         if matches[-1] >= 0:
             taken.add(best)
     return matches
 
 
-def truth_at_mask_resolution(annotations, height: int, width: int, canvas: tuple[int, int],
-                             stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-crowd ground truth -> (labels [T], masks [T, H/stride, W/stride] bool on the padded canvas)."""
+def truth_at_stride(annotations, height: int, width: int, padded: tuple[int, int],
+                    stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-crowd ground truth -> (labels [T], masks [T, H/stride, W/stride] bool on the padded (H, W) canvas)."""
     kept = [a for a in annotations if not a.iscrowd]
-    masks = torch.zeros(len(kept), canvas[0] * stride, canvas[1] * stride)
+    masks = torch.zeros(len(kept), *padded)
     for i, a in enumerate(kept):
         masks[i, :height, :width] = torch.from_numpy(decode_segmentation(a.segmentation, height, width)).float()
     small = F.avg_pool2d(masks[:, None], stride)[:, 0] > 0.5 if len(kept) else masks[:, ::stride, ::stride].bool()
@@ -104,8 +111,9 @@ def with_flip(model, images: torch.Tensor, image_sizes, mode: str) -> PseudoLabe
                    mask_logits=(plain.mask_logits + flipped_masks[:, partner]) / 2)
 
 
-def measure(weights: str, ann: str, images: str, thresholds: list[float], limit: int,
-            nms_iou: float = 1.0, flip: str = "none") -> tuple[dict[float, Tally], int]:
+def measure(weights: str, ann: str, images: str, thresholds: list[float], limit: int, nms_iou: float = 1.0,
+            flip: str = "none", mask_upsampling: int = 1,
+            input_resolution: bool = False) -> tuple[dict[float, Tally], int]:
     """({threshold: counts}, number of images) over the first `limit` images of `ann`."""
     predictor = load(weights, device="cpu")
     model = predictor.model
@@ -119,12 +127,16 @@ def measure(weights: str, ann: str, images: str, thresholds: list[float], limit:
             raise SystemExit(f"--flip needs images whose sides are multiples of 32; {record.file_name} is {h}x{w}")
         with torch.no_grad():
             candidates = with_flip(model, batch.images, batch.image_sizes, flip)
-        canvas = tuple(candidates.mask_logits.shape[-2:])
-        stride = batch.images.shape[-1] // canvas[1]
-        labels, truth = truth_at_mask_resolution(record.annotations, h, w, canvas, stride)
+        padded = tuple(batch.images.shape[-2:])
+        stride = padded[1] // candidates.mask_logits.shape[-1]
+        pseudo_stride = stride // mask_upsampling
+        compare_stride = 1 if input_resolution else pseudo_stride
+        labels, truth = truth_at_stride(record.annotations, h, w, padded, compare_stride)
         for threshold, tally in tallies.items():
-            (pseudo,) = ThresholdFilter(score_threshold=threshold, mask_stride=stride, nms_iou=nms_iou)(
-                candidates, batch.image_sizes)
+            (pseudo,) = ThresholdFilter(score_threshold=threshold, mask_stride=stride, nms_iou=nms_iou,
+                                        mask_upsampling=mask_upsampling)(candidates, batch.image_sizes)
+            scale = pseudo_stride // compare_stride
+            pseudo = replace(pseudo, masks=pseudo.masks.repeat_interleave(scale, 1).repeat_interleave(scale, 2))
             order = pseudo.scores.argsort(descending=True)
             tally.pseudo += len(pseudo)
             tally.truth += len(labels)
@@ -135,6 +147,7 @@ def measure(weights: str, ann: str, images: str, thresholds: list[float], limit:
                     class_matches[j] = m
             tally.correct += sum(m >= 0 for m in class_matches)
             tally.located += sum(m >= 0 for m in greedy_matches(pseudo.masks[order], truth))
+            tally.outlined += sum(m >= 0 for m in greedy_matches(pseudo.masks[order], truth, 0.75))
     return tallies, len(records)
 
 
@@ -148,15 +161,20 @@ def main() -> None:
     parser.add_argument("--nms-iou", type=float, default=1.0, help="semi.pseudo_labels.nms_iou (default 1 = off)")
     parser.add_argument("--flip", choices=("none", "agree", "average"), default="none",
                         help="flip test-time augmentation of the teacher (see above)")
+    parser.add_argument("--mask-upsampling", type=int, default=1,
+                        help="semi.pseudo_labels.mask_upsampling (default 1: pseudo-masks at 1/4 resolution)")
+    parser.add_argument("--input-resolution", action="store_true",
+                        help="compare with the ground truth at the input's resolution (see above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tallies, images = measure(args.weights, args.ann, args.images, args.thresholds, args.limit, args.nms_iou,
-                              args.flip)
+                              args.flip, args.mask_upsampling, args.input_resolution)
     truth = next(iter(tallies.values())).truth / images
     print(f"{images} images, {truth:.2f} ground-truth instances per image; correct = right class and mask IoU >= "
           f"{IOU_MATCH}, one-to-one")
-    print("| threshold | pseudo-labels / image | precision | class-agnostic precision | recall | F1 |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| threshold | pseudo-labels / image | precision | class-agnostic precision | class-agnostic precision "
+          "at IoU 0.75 | recall | F1 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for threshold, tally in tallies.items():
         print(tally.row(threshold, images))
 

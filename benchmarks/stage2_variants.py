@@ -54,6 +54,10 @@ VARIANTS = {
     # threshold) are matched but give no loss, instead of being taught as "no object" (Mask2Former 0.7, Mask DINO 0.3)
     "ignore_0.35": ["semi.pseudo_labels.ignore_threshold=0.35"],
     "ignore_0.15": ["semi.pseudo_labels.ignore_threshold=0.15"],
+    # pseudo-masks binarised after upsampling the teacher's mask logits to the input canvas (bilinear, as its
+    # own inference does), not at 1/4 resolution: a cell of 8-24 px is 2-6 mask pixels there
+    "masks_full_res": ["semi.pseudo_labels.mask_upsampling=4"],
+    "unsup_mask_1_full_res": ["semi.unsup_mask_weight=1", "semi.pseudo_labels.mask_upsampling=4"],
     # an upper bound of the stage-2 budget: the same schedule with the ground truth of every image (see run_variant)
     "oracle": [],
 }

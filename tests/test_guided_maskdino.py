@@ -148,3 +148,24 @@ def test_unmatched_weight_reaches_the_loss_of_the_unlabeled_batch_only(data, tea
     trainer.model.loss = lambda outputs, targets, **kwargs: calls.append(kwargs) or loss(outputs, targets, **kwargs)
     trainer.forward_losses()
     assert calls == [{}, {"unmatched_weight": 0.25}]  # labeled batch: the reference loss
+
+
+def test_pseudo_masks_upsampled_to_the_input_canvas_train_every_unlabeled_term(data, teacher, tmp_path):
+    trainer = built(md_config(data, teacher, tmp_path / "run", "semi.burn_in_iter=100",
+                              "semi.pseudo_labels.mask_upsampling=4"))
+    made = []
+    upsampled = trainer.pseudo_labeler
+
+    def recording(candidates, image_sizes):
+        made.append((candidates, upsampled(candidates, image_sizes)))
+        return made[-1][1]
+
+    trainer.pseudo_labeler = recording
+    torch.manual_seed(0)
+    losses = trainer.forward_losses()
+    (candidates, pseudo), = made
+    assert trainer.pseudo_label_count > 0
+    assert all(p.image_size == tuple(4 * n for n in candidates.mask_logits.shape[-2:]) for p in pseudo)
+    for term in ("mask", "dice", "bbox", "giou", "mask_dn_1"):
+        assert losses[f"loss_{term}_unsup"].item() > 0, term
+    assert all(torch.isfinite(v) for v in losses.values())

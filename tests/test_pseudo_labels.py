@@ -168,3 +168,47 @@ def test_threshold_and_nms_defaults_come_from_the_model():
     assert (explicit.score_threshold, explicit.nms_iou) == (0.45, 1.0)
     with pytest.raises(ConfigError, match="nms_iou"):
         apply_overrides(Config(), ["semi.pseudo_labels.nms_iou=1.5"])
+
+
+def _disc_logits(center: tuple[float, float], radius: float, size: int, stride: int) -> torch.Tensor:
+    """[size, size] logits at 1/stride resolution: the signed distance (input pixels) to a disc, sampled at
+    each mask pixel's centre in input coordinates."""
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5) * stride
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    return radius - ((yy - center[0]) ** 2 + (xx - center[1]) ** 2).sqrt()
+
+
+def test_mask_upsampling_outlines_a_small_object_at_the_input_resolution():
+    """A disc of diameter 12 input pixels (3 mask pixels at stride 4): binarised at 1/4 resolution its
+    pseudo-mask is a blocky cross; binarised after bilinear upsampling it follows the disc."""
+    size, stride, center, radius = 16, 4, (29.0, 35.0), 6.0
+    logits = _disc_logits(center, radius, size, stride)
+    candidates = _candidates([(0, 0.9, (slice(0, 1), slice(0, 1)))], size=size)
+    candidates.mask_logits[0, 0] = logits
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    disc = (yy - center[0]) ** 2 + (xx - center[1]) ** 2 < radius ** 2  # [64, 64]
+
+    def iou(mask: torch.Tensor) -> float:
+        return float((mask & disc).sum() / (mask | disc).sum())
+
+    (quarter,) = ThresholdFilter(min_area=0.0)(candidates, [(64, 64)])
+    (full,) = ThresholdFilter(min_area=0.0, mask_upsampling=4)(candidates, [(64, 64)])
+    assert quarter.image_size == (16, 16) and full.image_size == (64, 64)
+    nearest = quarter.masks[0].repeat_interleave(4, 0).repeat_interleave(4, 1)  # how the quarter mask covers the input
+    assert iou(nearest) < 0.75 < 0.9 < iou(full.masks[0])
+
+
+def test_mask_upsampling_keeps_the_area_test_boxes_and_padding_in_their_units():
+    # the image is 12 x 20 input pixels of a 32 x 32 canvas: 3 x 5 mask pixels, 12 x 20 after upsampling
+    candidates = _with_boxes(_candidates([(0, 0.9, (slice(None), slice(None))), (1, 0.9, (slice(0, 2), slice(0, 2)))]),
+                             [[0.5, 0.5, 9.0, 9.0], [0.0, 0.0, 2.0, 2.0]])
+    (quarter,) = ThresholdFilter(box_source="head")(candidates, [(12, 20)])
+    (full,) = ThresholdFilter(box_source="head", mask_upsampling=4)(candidates, [(12, 20)])
+    assert full.labels.tolist() == quarter.labels.tolist() == [0]  # the 2 x 2 query fails the area test (4 <= 5) in both
+    assert full.image_size == (32, 32) and full.masks[0].sum() == 12 * 20 and full.masks[0, :12, :20].all()
+    assert full.boxes.tolist() == [[2.0, 2.0, 20.0, 12.0]] and quarter.boxes.tolist() == [[0.5, 0.5, 5.0, 3.0]]
+    (from_mask,) = ThresholdFilter(mask_upsampling=4)(candidates, [(12, 20)])
+    assert from_mask.boxes.tolist() == [[0.0, 0.0, 20.0, 12.0]]
+    with pytest.raises(ConfigError, match="mask_upsampling=0"):
+        from semiseg.config import Config, apply_overrides
+        apply_overrides(Config(), ["semi.pseudo_labels.mask_upsampling=0"])

@@ -12,7 +12,7 @@
       unsup_mask_weight: 1.0         # unlabeled images: scale of all mask terms (loss_mask*, loss_dice*)
       labeled_sampler: repeat_factor # with data.repeat_threshold (10.0)
       eval_who: student              # student | teacher | both
-      pseudo_labels: {min_area: 5.0, mask_threshold: 0.5, box_source: mask}  # score_threshold, nms_iou: by model
+      pseudo_labels: {min_area: 5.0, mask_threshold: 0.5, box_source: mask, mask_upsampling: 1}  # score_threshold, nms_iou: by model
                                      # ignore_threshold (off): unsure pseudo-objects get no loss
 
 Unlabeled images come from `data.unlabeled` (+ `data.unlabeled_images`), `data.unlabeled_batch_size`
@@ -39,6 +39,8 @@ class PseudoLabelConfig:
     class_thresholds:    one threshold per class instead of `score_threshold` (empty = not used)
     min_area:            keep a query whose soft mask area (sum of sigmoid, 1/4 resolution) is above this
     mask_threshold:      binarise the pseudo-mask at sigmoid > this
+    mask_upsampling:     binarise the teacher's mask logits after upsampling them bilinearly by this
+                         factor: 1 = at 1/4 resolution (the reference), 4 = at the input's resolution
     score_weighted_loss: weight the unlabeled loss by the pseudo-labels' confidence (see
                          docs/guided_distillation.md; the reference uses hard, unweighted targets)
     box_source:          pseudo-instance boxes from the binarised pseudo-mask (mask, the reference) or
@@ -62,6 +64,7 @@ class PseudoLabelConfig:
     nms_iou: float | None = None
     class_targets: Literal["hard", "soft"] = "hard"
     ignore_threshold: float | None = None
+    mask_upsampling: int = 1
 
     def __post_init__(self) -> None:
         self.class_thresholds = tuple(self.class_thresholds)
@@ -72,6 +75,8 @@ class PseudoLabelConfig:
                 raise ConfigError(f"{name}={value}: expected a value in [0, 1]")
         if self.min_area < 0:
             raise ConfigError(f"min_area={self.min_area}: expected >= 0")
+        if self.mask_upsampling < 1:
+            raise ConfigError(f"mask_upsampling={self.mask_upsampling}: expected an integer >= 1")
 
     def build_filter(self, defaults: PseudoLabelDefaults) -> ThresholdFilter:
         """The filter for a model whose `pseudo_label_defaults` are `defaults` (used for unset values)."""
@@ -84,7 +89,8 @@ class PseudoLabelConfig:
             score_threshold=score_threshold, min_area=self.min_area, mask_threshold=self.mask_threshold,
             class_thresholds=self.class_thresholds or None, box_source=self.box_source,
             nms_iou=defaults.nms_iou if self.nms_iou is None else self.nms_iou,
-            soft_classes=self.class_targets == "soft", ignore_threshold=self.ignore_threshold)
+            soft_classes=self.class_targets == "soft", ignore_threshold=self.ignore_threshold,
+            mask_upsampling=self.mask_upsampling)
 
 
 @dataclass

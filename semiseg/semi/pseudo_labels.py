@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from semiseg.errors import ConfigError
 from semiseg.models.protocol import PseudoLabelCandidates
@@ -30,8 +31,11 @@ class ThresholdFilter:
     - its confidence max_c class_probs > `score_threshold` (or `class_thresholds[c]` for its class c),
     - its soft mask area, the sum of sigmoid(mask logits) inside the image, exceeds `min_area`
       (in mask pixels, i.e. at 1/`mask_stride` resolution).
-    Its mask is sigmoid > `mask_threshold`. Its box, xyxy pixels of the mask canvas (the units
-    the student's box loss and denoising normalise by that canvas), comes from
+    Its mask is sigmoid > `mask_threshold`, on the mask canvas: the logits' (h, w), or with
+    `mask_upsampling` f > 1, the logits bilinearly upsampled to (f*h, f*w) first (f = `mask_stride`:
+    the input canvas, the resolution at which the model's own inference binarises its masks; the
+    reference binarises at 1/4, which costs small objects their shape). Its box, xyxy pixels of the
+    mask canvas (the units the student's box loss and denoising normalise by that canvas), comes from
     - `box_source="mask"`: the binarised mask (the reference's rule, works for every model),
     - `box_source="head"`: the teacher's box head (`candidates.boxes`), clipped to the image.
     With `nms_iou` < 1, greedy class-agnostic mask-IoU NMS in order of confidence then drops a
@@ -58,6 +62,7 @@ class ThresholdFilter:
     nms_iou: float = 1.0
     soft_classes: bool = False
     ignore_threshold: float | None = None
+    mask_upsampling: int = 1
 
     def __call__(self, candidates: PseudoLabelCandidates,
                  image_sizes: Sequence[tuple[int, int]]) -> list[Instances]:
@@ -78,7 +83,7 @@ class ThresholdFilter:
         results = []
         for b in range(num_images):
             idx = keep[b].nonzero().view(-1)
-            masks = soft[b, idx] > self.mask_threshold
+            masks = self._binary_masks(mask_logits[b, idx], soft[b, idx], image_sizes[b])
             if self.nms_iou < 1.0:
                 survivors = mask_nms(masks, confidence[b, idx], self.nms_iou)
                 idx, masks = idx[survivors], masks[survivors]
@@ -93,9 +98,23 @@ class ThresholdFilter:
             results.append(instances)
         return results
 
+    def _binary_masks(self, logits: torch.Tensor, soft: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """The kept queries' logits [N, h, w] and padding-cleared sigmoids -> [N, f*h, f*w] bool pseudo-masks."""
+        if self.mask_upsampling == 1:
+            return soft > self.mask_threshold
+        h, w = logits.shape[-2:]
+        canvas = (h * self.mask_upsampling, w * self.mask_upsampling)
+        upsampled = F.interpolate(logits[None], size=canvas, mode="bilinear", align_corners=False)[0]
+        masks = upsampled.sigmoid() > self.mask_threshold
+        valid_h, valid_w = (math.ceil(n * self.mask_upsampling / self.mask_stride) for n in image_size)
+        masks[:, valid_h:] = False
+        masks[:, :, valid_w:] = False
+        return masks
+
     def _clipped_head_boxes(self, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        """[N, 4] xyxy mask-canvas pixels -> the same clipped to the image's valid area at mask resolution."""
-        valid_h, valid_w = (math.ceil(n / self.mask_stride) for n in image_size)
+        """[N, 4] xyxy pixels of the logits' canvas -> xyxy pixels of the mask canvas, clipped to the image."""
+        boxes = boxes * self.mask_upsampling
+        valid_h, valid_w = (math.ceil(n * self.mask_upsampling / self.mask_stride) for n in image_size)
         limits = torch.tensor([valid_w, valid_h, valid_w, valid_h], dtype=boxes.dtype, device=boxes.device)
         return torch.minimum(boxes.clamp(min=0.0), limits)
 
