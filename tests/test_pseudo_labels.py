@@ -209,6 +209,8 @@ def test_mask_upsampling_keeps_the_area_test_boxes_and_padding_in_their_units():
     assert full.boxes.tolist() == [[2.0, 2.0, 20.0, 12.0]] and quarter.boxes.tolist() == [[0.5, 0.5, 5.0, 3.0]]
     (from_mask,) = ThresholdFilter(mask_upsampling=4)(candidates, [(12, 20)])
     assert from_mask.boxes.tolist() == [[0.0, 0.0, 20.0, 12.0]]
+    (none,) = ThresholdFilter(score_threshold=0.95, mask_upsampling=4)(candidates, [(12, 20)])
+    assert none.masks.shape == (0, 32, 32) and none.boxes.shape == (0, 4)
     with pytest.raises(ConfigError, match="mask_upsampling=0"):
         from semiseg.config import Config, apply_overrides
         apply_overrides(Config(), ["semi.pseudo_labels.mask_upsampling=0"])

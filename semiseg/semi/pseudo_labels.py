@@ -104,6 +104,8 @@ class ThresholdFilter:
             return soft > self.mask_threshold
         h, w = logits.shape[-2:]
         canvas = (h * self.mask_upsampling, w * self.mask_upsampling)
+        if len(logits) == 0:  # interpolate refuses an empty batch
+            return torch.zeros(0, *canvas, dtype=torch.bool, device=logits.device)
         upsampled = F.interpolate(logits[None], size=canvas, mode="bilinear", align_corners=False)[0]
         masks = upsampled.sigmoid() > self.mask_threshold
         valid_h, valid_w = (math.ceil(n * self.mask_upsampling / self.mask_stride) for n in image_size)
