@@ -22,7 +22,7 @@ from semiseg.demo import DemoSettings, base_overrides, student_overrides
 from semiseg.errors import SemisegError
 
 # results.json written before a stage-2 setting existed: the value those runs used
-RECIPE_BEFORE_SETTING = {"unsup_mask_weight": 1.0}
+RECIPE_BEFORE_SETTING = {"unsup_mask_weight": 1.0, "mask_upsampling": 1}
 VARIANTS = {
     "default": [],  # the benchmark's own student
     # the reference's design: a fresh student (pretrained backbone, random head) at stage 1's rate

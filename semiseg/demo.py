@@ -58,6 +58,7 @@ class DemoSettings:
     burn_in_iter / ema_decay / student_init / unsup_mask_weight: the `semi:` settings of stage 2
                          (unsup_mask_weight 0: the unlabeled images teach classes, not mask shapes;
                          docs/guided_distillation.md)
+    mask_upsampling:     `semi.pseudo_labels.mask_upsampling` (4: pseudo-masks at the input's resolution)
     """
 
     num_train: int
@@ -76,6 +77,7 @@ class DemoSettings:
     num_overlays: int
     model: str = "mask2former"
     unsup_mask_weight: float = 0.0
+    mask_upsampling: int = 1
 
 
 DEFAULT = DemoSettings(num_train=1000, num_val=500, image_size=128, percent=10, batch_size=8,
@@ -101,10 +103,12 @@ def default_settings(model: str = "mask2former", quick: bool = False) -> DemoSet
     so its teacher trains 2,000 iterations: after 1,000 it was far from converged (seed 0: mask AP 15.6,
     against 23.4 after 2,000). Its students keep the mask terms on the unlabeled images (unsup_mask_weight
     1, the reference): without them they lost 1.4-1.6 mask AP on two of three datasets (seed 0), while
-    Mask2Former's gained 1.8 on one and kept the others (3 seeds; docs/guided_distillation.md)."""
+    Mask2Former's gained 1.8 on one and kept the others (3 seeds; docs/guided_distillation.md). Those mask
+    terms learn pseudo-masks binarised at the input's resolution (mask_upsampling 4): at the reference's 1/4
+    the students lost on small objects (cells seed 0: -2.21 against +1.53)."""
     settings = dataclasses.replace(QUICK if quick else DEFAULT, model=model)
     if model == "maskdino":
-        settings = dataclasses.replace(settings, unsup_mask_weight=1.0,
+        settings = dataclasses.replace(settings, unsup_mask_weight=1.0, mask_upsampling=4,
                                        teacher_iters=settings.teacher_iters if quick else 2000)
     return settings
 
@@ -278,7 +282,8 @@ def student_overrides(settings: DemoSettings, output_dir: Path, teacher_weights:
         f"data.unlabeled_batch_size={settings.batch_size}", "semi.enabled=true",
         f"semi.teacher_weights={teacher_weights}", f"semi.student_init={settings.student_init}",
         f"semi.burn_in_iter={settings.burn_in_iter}", f"semi.ema_decay={settings.ema_decay}", "semi.eval_who=both",
-        "semi.pseudo_labels.nms_iou=0.5", f"semi.unsup_mask_weight={settings.unsup_mask_weight}"]
+        "semi.pseudo_labels.nms_iou=0.5", f"semi.unsup_mask_weight={settings.unsup_mask_weight}",
+        f"semi.pseudo_labels.mask_upsampling={settings.mask_upsampling}"]
 
 
 def _schedule(iterations: int, lr: float) -> list[str]:

@@ -60,6 +60,8 @@ def test_quick_maskdino_demo_runs_guided_distillation_with_boxes(tmp_path):
     assert 0.0 <= results["student"]["mask_AP"] <= 100.0
     student_log = [json.loads(line) for line in (tmp_path / "md" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_bbox_unsup" in r for r in student_log)
+    student = yaml.safe_load((tmp_path / "md" / "student" / "config.yaml").read_text())
+    assert student["semi"]["pseudo_labels"]["mask_upsampling"] == 4 and student["semi"]["unsup_mask_weight"] == 1.0
 
 
 def test_failed_reference_training_is_one_line_naming_its_log(tmp_path):
@@ -77,9 +79,10 @@ def test_unknown_demo_model_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_maskdino_demo_trains_its_slower_teacher_longer_and_keeps_the_unlabeled_mask_terms():
+def test_maskdino_demo_trains_its_slower_teacher_longer_and_keeps_full_resolution_unlabeled_mask_terms():
     assert default_settings("mask2former") == DEFAULT and DEFAULT.unsup_mask_weight == 0.0
+    assert DEFAULT.mask_upsampling == 1
     assert default_settings("maskdino") == dataclasses.replace(DEFAULT, model="maskdino", teacher_iters=2000,
-                                                               unsup_mask_weight=1.0)
+                                                               unsup_mask_weight=1.0, mask_upsampling=4)
     assert default_settings("maskdino", quick=True) == dataclasses.replace(QUICK, model="maskdino",
-                                                                           unsup_mask_weight=1.0)
+                                                                           unsup_mask_weight=1.0, mask_upsampling=4)
