@@ -58,6 +58,7 @@ VARIANTS = {
     # own inference does), not at 1/4 resolution: a cell of 8-24 px is 2-6 mask pixels there
     "masks_full_res": ["semi.pseudo_labels.mask_upsampling=4"],
     "unsup_mask_1_full_res": ["semi.unsup_mask_weight=1", "semi.pseudo_labels.mask_upsampling=4"],
+    "masks_quarter_res": ["semi.pseudo_labels.mask_upsampling=1"],  # the reference's, for the demo's Mask DINO
     # an upper bound of the stage-2 budget: the same schedule with the ground truth of every image (see run_variant)
     "oracle": [],
 }
